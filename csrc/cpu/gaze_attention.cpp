@@ -1,0 +1,257 @@
+// CPU gaze_attention forward and backward.
+//
+// One task per (batch, KV head, query row): the task holds the G query heads
+// of the KV head's group, so each fixed key row (and, with a shared
+// selection, each region key row) is loaded once for all G heads. Keys are
+// gathered in blocks of kKeyBlock positions; the forward keeps a base-2 online
+// softmax per head, the backward recomputes the probabilities from the saved
+// log-sum-exp.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../common/dispatch.h"
+#include "../common/op_args.h"
+#include "key_blocks.h"
+#include "vec_kernels.h"
+
+namespace gaze::cpu {
+namespace {
+
+// Walks the keys a query row sees: the fixed tokens for all G heads of the
+// group, then the selected regions, for all heads (shared selection) or for
+// each head on its own. visit(g0, gc, positions, n) gets each block.
+template <typename Visit>
+void for_each_key_block(const AttentionArgs& a, const LayoutView& layout, int64_t b,
+                        int32_t kv_head, int32_t i, int32_t limit, Visit&& visit) {
+  const AttentionShape& S = a.shape;
+  const int32_t G = S.group(), K = S.topk;
+  const int32_t* idx = a.idx.const_data_ptr<int32_t>();
+  auto slots_of = [&](int32_t sel_head) {
+    return idx + ((b * S.sel_heads + sel_head) * S.q_len + i) * int64_t(K);
+  };
+  KeyBlock block;
+  auto all_heads = [&](const int32_t* pos, int n) { visit(0, G, pos, n); };
+  push_fixed_keys(layout, b, limit, block, all_heads);
+  if (S.sel_heads != S.q_heads || G == 1) {
+    push_selected_keys(layout, b, slots_of(kv_head), K, limit, block, all_heads);
+    block.drain(all_heads);
+    return;
+  }
+  block.drain(all_heads);
+  for (int32_t g = 0; g < G; ++g) {
+    auto one_head = [&](const int32_t* pos, int n) { visit(g, 1, pos, n); };
+    push_selected_keys(layout, b, slots_of(kv_head * G + g), K, limit, block, one_head);
+    block.drain(one_head);
+  }
+}
+
+template <typename scalar_t>
+void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
+  using acc = acc_t<scalar_t>;
+  const AttentionShape& S = a.shape;
+  const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
+  const LayoutView layout = a.layout.view(a.num_keys);
+  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
+  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
+  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
+  const Strides4 qs = strides_of(a.q), ks = strides_of(a.k), vs = strides_of(a.v);
+  const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  acc* lse_data = lse.data_ptr<acc>();
+  const acc q_scale = static_cast<acc>(a.scale) * static_cast<acc>(kLog2e);
+
+  const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> queries(G * D), accum(G * D), scores(G * kKeyBlock), scratch(4 * D);
+    std::vector<acc> row_max(G), row_sum(G);
+    const scalar_t* k_rows[kKeyBlock];
+    const scalar_t* v_rows[kKeyBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (int64_t(S.kv_heads) * Lq);
+      const int32_t hk = static_cast<int32_t>((task / Lq) % S.kv_heads);
+      const int32_t i = static_cast<int32_t>(task % Lq);
+      const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
+      for (int32_t g = 0; g < G; ++g) {
+        acc* dst = queries.data() + g * D;
+        load_row(q + qs.offset(b, hk * G + g, i), D, dst);
+        scale(dst, D, q_scale);
+      }
+      std::fill(accum.begin(), accum.end(), acc(0));
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), acc(0));
+
+      for_each_key_block(a, layout, b, hk, i, limit, [&](int g0, int gc, const int32_t* pos, int n) {
+        for (int j = 0; j < n; ++j) {
+          k_rows[j] = k + ks.offset(b, hk, pos[j]);
+          v_rows[j] = v + vs.offset(b, hk, pos[j]);
+        }
+        acc* s = scores.data() + g0 * kKeyBlock;
+        dot_rows(queries.data() + g0 * D, gc, k_rows, n, D, s, kKeyBlock, scratch.data());
+        for (int g = g0; g < g0 + gc; ++g) {
+          acc* sg = scores.data() + g * kKeyBlock;
+          const acc block_max = *std::max_element(sg, sg + n);
+          const acc new_max = std::max(row_max[g], block_max);
+          const acc rescale = softmax_rescale(row_max[g], new_max);
+          if (rescale != acc(1)) {
+            scale(accum.data() + g * D, D, rescale);
+            row_sum[g] *= rescale;
+          }
+          row_sum[g] += exp2_shifted(sg, n, softmax_safe_max(new_max));
+          row_max[g] = new_max;
+        }
+        accumulate_rows(s, kKeyBlock, gc, v_rows, n, D, accum.data() + g0 * D, scratch.data());
+      });
+
+      for (int32_t g = 0; g < G; ++g) {
+        const int32_t h = hk * G + g;
+        const int64_t row = (b * S.q_heads + h) * int64_t(Lq) + i;
+        store_row(accum.data() + g * D, D, softmax_normalizer(row_sum[g]), out_data + row * D);
+        lse_data[row] = softmax_lse(row_max[g], row_sum[g]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::Tensor& dk_acc,
+                        at::Tensor& dv_acc) {
+  using acc = acc_t<scalar_t>;
+  const AttentionArgs& a = args.fwd;
+  const AttentionShape& S = a.shape;
+  const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
+  const int64_t N = a.num_keys;
+  const LayoutView layout = a.layout.view(N);
+  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
+  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
+  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
+  const scalar_t* dout = args.grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* out = args.out.const_data_ptr<scalar_t>();
+  const acc* lse = args.lse.const_data_ptr<acc>();
+  const acc* dlse = args.grad_lse.defined() ? args.grad_lse.const_data_ptr<acc>() : nullptr;
+  const Strides4 qs = strides_of(a.q), ks = strides_of(a.k), vs = strides_of(a.v);
+  const Strides4 dos = strides_of(args.grad_out), os = strides_of(args.out);
+  const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
+  scalar_t* dq_data = dq.data_ptr<scalar_t>();
+  acc* dk_data = dk_acc.data_ptr<acc>();
+  acc* dv_data = dv_acc.data_ptr<acc>();
+  const acc log2e = static_cast<acc>(kLog2e);
+  const acc q_scale = static_cast<acc>(a.scale) * log2e;
+
+  // One task per (batch, KV head): it alone writes that head's dk/dv rows.
+  at::parallel_for(0, int64_t(S.batch) * S.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> q_raw(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
+    std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock), scratch(4 * D);
+    std::vector<acc> lse2(G), delta(G);
+    const scalar_t* k_rows[kKeyBlock];
+    const scalar_t* v_rows[kKeyBlock];
+    acc* dk_rows[kKeyBlock];
+    acc* dv_rows[kKeyBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / S.kv_heads;
+      const int32_t hk = static_cast<int32_t>(task % S.kv_heads);
+      acc* dk_head = dk_data + task * N * D;
+      acc* dv_head = dv_data + task * N * D;
+      for (int32_t i = 0; i < Lq; ++i) {
+        const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
+        for (int32_t g = 0; g < G; ++g) {
+          const int32_t h = hk * G + g;
+          const int64_t lrow = (b * S.q_heads + h) * int64_t(Lq) + i;
+          load_row(q + qs.offset(b, h, i), D, q_raw.data() + g * D);
+          std::copy_n(q_raw.data() + g * D, D, q_scaled.data() + g * D);
+          scale(q_scaled.data() + g * D, D, q_scale);
+          load_row(dout + dos.offset(b, h, i), D, grad.data() + g * D);
+          load_row(out + os.offset(b, h, i), D, row.data());
+          acc dot = 0;
+          for (int32_t d = 0; d < D; ++d) dot += grad[g * D + d] * row[d];
+          delta[g] = dot - (dlse ? dlse[lrow] : acc(0));
+          lse2[g] = lse[lrow] * log2e;
+        }
+        std::fill(dq_accum.begin(), dq_accum.end(), acc(0));
+
+        for_each_key_block(a, layout, b, hk, i, limit, [&](int g0, int gc, const int32_t* pos, int n) {
+          for (int j = 0; j < n; ++j) {
+            k_rows[j] = k + ks.offset(b, hk, pos[j]);
+            v_rows[j] = v + vs.offset(b, hk, pos[j]);
+            dk_rows[j] = dk_head + int64_t(pos[j]) * D;
+            dv_rows[j] = dv_head + int64_t(pos[j]) * D;
+          }
+          acc* p = probs.data() + g0 * kKeyBlock;
+          acc* dp = dprobs.data() + g0 * kKeyBlock;
+          dot_rows(q_scaled.data() + g0 * D, gc, k_rows, n, D, p, kKeyBlock, scratch.data());
+          dot_rows(grad.data() + g0 * D, gc, v_rows, n, D, dp, kKeyBlock, scratch.data());
+          for (int g = g0; g < g0 + gc; ++g) {
+            acc* pg = probs.data() + g * kKeyBlock;
+            acc* dpg = dprobs.data() + g * kKeyBlock;
+            // A row with lse = -inf saw no key in the forward: it gets no gradient.
+            if (lse2[g] == -std::numeric_limits<acc>::infinity()) {
+              std::fill(pg, pg + n, acc(0));
+            } else {
+              exp2_shifted(pg, n, lse2[g]);
+            }
+            for (int j = 0; j < n; ++j) dpg[j] = pg[j] * (dpg[j] - delta[g]);  // dS
+          }
+          accumulate_rows(dp, kKeyBlock, gc, k_rows, n, D, dq_accum.data() + g0 * D,
+                          scratch.data());
+          scatter_rows(dp, kKeyBlock, gc, q_raw.data() + g0 * D, dk_rows, n, D);
+          scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
+        });
+
+        for (int32_t g = 0; g < G; ++g) {
+          const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
+          store_row(dq_accum.data() + g * D, D, static_cast<acc>(a.scale),
+                    dq_data + row_index * D);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gaze_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& region_ptr,
+    const at::Tensor& region_tokens, const at::Tensor& fixed_tokens, const at::Tensor& idx,
+    const std::optional<at::Tensor>& q_pos, double scale) {
+  AttentionArgs args = prepare_gaze_attention("gaze_attention", q, k, v, region_ptr,
+                                              region_tokens, fixed_tokens, idx, q_pos, scale);
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype));
+  dispatch_cpu_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {
+    attention_forward<decltype(tag)>(args, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& region_ptr, const at::Tensor& region_tokens,
+    const at::Tensor& fixed_tokens, const at::Tensor& idx,
+    const std::optional<at::Tensor>& q_pos, double scale) {
+  AttentionBackwardArgs args = prepare_gaze_attention_backward(
+      grad_out, grad_lse, q, k, v, out, lse, region_ptr, region_tokens, fixed_tokens, idx, q_pos,
+      scale);
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc_dtype));
+  at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc_dtype));
+  dispatch_cpu_float_types(q.scalar_type(), "gaze_attention_backward", [&](auto tag) {
+    attention_backward<decltype(tag)>(args, dq, dk, dv);
+  });
+  dk.mul_(scale);  // the kernel accumulates dS * q; d(logit)/dk carries the scale
+  return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace
+}  // namespace gaze::cpu
+
+TORCH_LIBRARY_IMPL(gaze, CPU, m) {
+  m.impl("gaze_attention", &gaze::cpu::gaze_attention_cpu);
+  m.impl("gaze_attention_backward", &gaze::cpu::gaze_attention_backward_cpu);
+}
