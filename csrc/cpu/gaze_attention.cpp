@@ -18,39 +18,76 @@
 
 #include "../common/dispatch.h"
 #include "../common/op_args.h"
-#include "key_blocks.h"
+#include "key_lists.h"
 #include "vec_kernels.h"
 
 namespace gaze::cpu {
 namespace {
 
-// Walks the keys a query row sees: the fixed tokens for all G heads of the
-// group, then the selected regions, for all heads (shared selection) or for
-// each head on its own. visit(g0, gc, positions, n) gets each block.
+// The keys a query row sees: the fixed tokens for all G heads of the group,
+// then the selected regions, for all heads (shared selection) or for each head
+// on its own. visit(g0, gc, positions, n, next, next_n) gets each block, for
+// heads [g0, g0 + gc), with the block after it for prefetching.
+struct KeyLists {
+  std::vector<int32_t> all_heads;               // fixed (+ regions of a shared selection)
+  std::vector<std::vector<int32_t>> per_head;   // regions of each head's own selection
+};
+
 template <typename Visit>
 void for_each_key_block(const AttentionArgs& a, const LayoutView& layout, int64_t b,
-                        int32_t kv_head, int32_t i, int32_t limit, Visit&& visit) {
+                        int32_t kv_head, int32_t i, int32_t limit, KeyLists& lists,
+                        Visit&& visit) {
   const AttentionShape& S = a.shape;
   const int32_t G = S.group(), K = S.topk;
   const int32_t* idx = a.idx.const_data_ptr<int32_t>();
   auto slots_of = [&](int32_t sel_head) {
     return idx + ((b * S.sel_heads + sel_head) * S.q_len + i) * int64_t(K);
   };
-  KeyBlock block;
-  auto all_heads = [&](const int32_t* pos, int n) { visit(0, G, pos, n); };
-  push_fixed_keys(layout, b, limit, block, all_heads);
-  if (S.sel_heads != S.q_heads || G == 1) {
-    push_selected_keys(layout, b, slots_of(kv_head), K, limit, block, all_heads);
-    block.drain(all_heads);
-    return;
-  }
-  block.drain(all_heads);
+  const bool shared = S.sel_heads != S.q_heads || G == 1;
+  lists.all_heads.clear();
+  append_fixed_keys(layout, b, limit, lists.all_heads);
+  if (shared) append_selected_keys(layout, b, slots_of(kv_head), K, limit, lists.all_heads);
+  for_each_block(lists.all_heads, [&](const int32_t* pos, int n, const int32_t* next,
+                                      int next_n) { visit(0, G, pos, n, next, next_n); });
+  if (shared) return;
+  lists.per_head.resize(G);
   for (int32_t g = 0; g < G; ++g) {
-    auto one_head = [&](const int32_t* pos, int n) { visit(g, 1, pos, n); };
-    push_selected_keys(layout, b, slots_of(kv_head * G + g), K, limit, block, one_head);
-    block.drain(one_head);
+    lists.per_head[g].clear();
+    append_selected_keys(layout, b, slots_of(kv_head * G + g), K, limit, lists.per_head[g]);
+    for_each_block(lists.per_head[g], [&](const int32_t* pos, int n, const int32_t* next,
+                                          int next_n) { visit(g, 1, pos, n, next, next_n); });
   }
 }
+
+// K and V rows of one (batch, KV head) for a block of positions.
+template <typename scalar_t>
+struct RowGather {
+  const scalar_t* k;  // row 0 of the head
+  const scalar_t* v;
+  int64_t k_stride, v_stride, row_bytes;
+  const scalar_t* k_rows[kKeyBlock];
+  const scalar_t* v_rows[kKeyBlock];
+
+  void gather(const int32_t* pos, int n) {
+    for (int j = 0; j < n; ++j) {
+      k_rows[j] = k + pos[j] * k_stride;
+      v_rows[j] = v + pos[j] * v_stride;
+    }
+  }
+  // Before the dot products of rows [j, j + kPrefetchRows): their V rows (read
+  // by the accumulation after the block) and the K rows kPrefetchRows ahead.
+  void prefetch(const int32_t* pos, int n, const int32_t* next, int next_n, int j) const {
+    for (int t = j; t < j + kPrefetchRows; ++t) {
+      if (t < n) prefetch_row(v, v_stride, pos[t], row_bytes);
+      const int ahead = t + kPrefetchRows;
+      if (ahead < n) {
+        prefetch_row(k, k_stride, pos[ahead], row_bytes);
+      } else if (ahead - n < next_n) {
+        prefetch_row(k, k_stride, next[ahead - n], row_bytes);
+      }
+    }
+  }
+};
 
 template <typename scalar_t>
 void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
@@ -66,13 +103,14 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   scalar_t* out_data = out.data_ptr<scalar_t>();
   acc* lse_data = lse.data_ptr<acc>();
   const acc q_scale = static_cast<acc>(a.scale) * static_cast<acc>(kLog2e);
+  const int64_t row_bytes = int64_t(D) * sizeof(scalar_t);
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> queries(G * D), accum(G * D), scores(G * kKeyBlock), scratch(4 * D);
     std::vector<acc> row_max(G), row_sum(G);
-    const scalar_t* k_rows[kKeyBlock];
-    const scalar_t* v_rows[kKeyBlock];
+    RowGather<scalar_t> rows;
+    KeyLists lists;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (int64_t(S.kv_heads) * Lq);
       const int32_t hk = static_cast<int32_t>((task / Lq) % S.kv_heads);
@@ -87,16 +125,19 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
 
-      for_each_key_block(a, layout, b, hk, i, limit, [&](int g0, int gc, const int32_t* pos, int n) {
-        for (int j = 0; j < n; ++j) {
-          k_rows[j] = k + ks.offset(b, hk, pos[j]);
-          v_rows[j] = v + vs.offset(b, hk, pos[j]);
-        }
+      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row, row_bytes};
+      auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t* next,
+                        int next_n) {
+        rows.gather(pos, n);
         acc* s = scores.data() + g0 * kKeyBlock;
-        dot_rows(queries.data() + g0 * D, gc, k_rows, n, D, s, kKeyBlock, scratch.data());
+        for (int j = 0; j < n; j += kPrefetchRows) {
+          rows.prefetch(pos, n, next, next_n, j);
+          dot_rows(queries.data() + g0 * D, gc, rows.k_rows + j, std::min(kPrefetchRows, n - j),
+                   D, s + j, kKeyBlock, scratch.data());
+        }
         for (int g = g0; g < g0 + gc; ++g) {
           acc* sg = scores.data() + g * kKeyBlock;
-          const acc block_max = *std::max_element(sg, sg + n);
+          const acc block_max = max_value(sg, n);
           const acc new_max = std::max(row_max[g], block_max);
           const acc rescale = softmax_rescale(row_max[g], new_max);
           if (rescale != acc(1)) {
@@ -106,8 +147,10 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
           row_sum[g] += exp2_shifted(sg, n, softmax_safe_max(new_max));
           row_max[g] = new_max;
         }
-        accumulate_rows(s, kKeyBlock, gc, v_rows, n, D, accum.data() + g0 * D, scratch.data());
-      });
+        accumulate_rows(s, kKeyBlock, gc, rows.v_rows, n, D, accum.data() + g0 * D,
+                        scratch.data());
+      };
+      for_each_key_block(a, layout, b, hk, i, limit, lists, attend);
 
       for (int32_t g = 0; g < G; ++g) {
         const int32_t h = hk * G + g;
@@ -143,19 +186,21 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   acc* dv_data = dv_acc.data_ptr<acc>();
   const acc log2e = static_cast<acc>(kLog2e);
   const acc q_scale = static_cast<acc>(a.scale) * log2e;
+  const int64_t row_bytes = int64_t(D) * sizeof(scalar_t);
 
   // One task per (batch, KV head): it alone writes that head's dk/dv rows.
   at::parallel_for(0, int64_t(S.batch) * S.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> q_raw(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
     std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock), scratch(4 * D);
     std::vector<acc> lse2(G), delta(G);
-    const scalar_t* k_rows[kKeyBlock];
-    const scalar_t* v_rows[kKeyBlock];
+    RowGather<scalar_t> rows;
     acc* dk_rows[kKeyBlock];
     acc* dv_rows[kKeyBlock];
+    KeyLists lists;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / S.kv_heads;
       const int32_t hk = static_cast<int32_t>(task % S.kv_heads);
+      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row, row_bytes};
       acc* dk_head = dk_data + task * N * D;
       acc* dv_head = dv_data + task * N * D;
       for (int32_t i = 0; i < Lq; ++i) {
@@ -175,17 +220,16 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
         }
         std::fill(dq_accum.begin(), dq_accum.end(), acc(0));
 
-        for_each_key_block(a, layout, b, hk, i, limit, [&](int g0, int gc, const int32_t* pos, int n) {
+        auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t*, int) {
+          rows.gather(pos, n);
           for (int j = 0; j < n; ++j) {
-            k_rows[j] = k + ks.offset(b, hk, pos[j]);
-            v_rows[j] = v + vs.offset(b, hk, pos[j]);
             dk_rows[j] = dk_head + int64_t(pos[j]) * D;
             dv_rows[j] = dv_head + int64_t(pos[j]) * D;
           }
           acc* p = probs.data() + g0 * kKeyBlock;
           acc* dp = dprobs.data() + g0 * kKeyBlock;
-          dot_rows(q_scaled.data() + g0 * D, gc, k_rows, n, D, p, kKeyBlock, scratch.data());
-          dot_rows(grad.data() + g0 * D, gc, v_rows, n, D, dp, kKeyBlock, scratch.data());
+          dot_rows(q_scaled.data() + g0 * D, gc, rows.k_rows, n, D, p, kKeyBlock, scratch.data());
+          dot_rows(grad.data() + g0 * D, gc, rows.v_rows, n, D, dp, kKeyBlock, scratch.data());
           for (int g = g0; g < g0 + gc; ++g) {
             acc* pg = probs.data() + g * kKeyBlock;
             acc* dpg = dprobs.data() + g * kKeyBlock;
@@ -197,11 +241,12 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
             }
             for (int j = 0; j < n; ++j) dpg[j] = pg[j] * (dpg[j] - delta[g]);  // dS
           }
-          accumulate_rows(dp, kKeyBlock, gc, k_rows, n, D, dq_accum.data() + g0 * D,
+          accumulate_rows(dp, kKeyBlock, gc, rows.k_rows, n, D, dq_accum.data() + g0 * D,
                           scratch.data());
           scatter_rows(dp, kKeyBlock, gc, q_raw.data() + g0 * D, dk_rows, n, D);
           scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
-        });
+        };
+        for_each_key_block(a, layout, b, hk, i, limit, lists, attend);
 
         for (int32_t g = 0; g < G; ++g) {
           const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;

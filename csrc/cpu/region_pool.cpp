@@ -9,7 +9,7 @@
 
 #include "../common/dispatch.h"
 #include "../common/op_args.h"
-#include "key_blocks.h"
+#include "key_lists.h"
 #include "vec_kernels.h"
 
 namespace gaze::cpu {
@@ -29,17 +29,19 @@ void pool_regions(const PoolArgs& args, at::Tensor& desc) {
   at::parallel_for(0, B * H * R, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc> sum(D), scratch(4 * D), ones(kKeyBlock, acc(1));
     const scalar_t* rows[kKeyBlock];
-    KeyBlock block;
+    std::vector<int32_t> members;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (H * R), h = (item / R) % H;
       const int32_t r = static_cast<int32_t>(item % R);
       std::fill(sum.begin(), sum.end(), acc(0));
-      auto add_rows = [&](const int32_t* pos, int n) {
-        for (int j = 0; j < n; ++j) rows[j] = key_data + ks.offset(b, h, pos[j]);
-        accumulate_rows(ones.data(), kKeyBlock, 1, rows, n, D, sum.data(), scratch.data());
-      };
-      push_region_keys(layout, b, r, kNoCausalLimit, block, add_rows);
-      block.drain(add_rows);
+      members.clear();
+      append_region_keys(layout, b, r, kNoCausalLimit, members);
+      for_each_block(
+          members,
+          [&](const int32_t* pos, int n, const int32_t*, int) {
+            for (int j = 0; j < n; ++j) rows[j] = key_data + ks.offset(b, h, pos[j]);
+            accumulate_rows(ones.data(), kKeyBlock, 1, rows, n, D, sum.data(), scratch.data());
+          });
       store_row(sum.data(), D, region_mean_scale<acc>(layout.region(b, r).size()),
                 out + (item * D));
     }
@@ -62,19 +64,21 @@ void pool_regions_backward(const PoolBackwardArgs& args, at::Tensor& grad_keys_a
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> grad_row(D), weights(kKeyBlock);
     acc* rows[kKeyBlock];
-    KeyBlock block;
+    std::vector<int32_t> members;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / H, h = item % H;
       acc* grad_keys = out + item * N * D;
       for (int32_t r = 0; r < R; ++r) {
         std::fill(weights.begin(), weights.end(), region_mean_scale<acc>(layout.region(b, r).size()));
         load_row(grad_data + gs.offset(b, h, r), D, grad_row.data());
-        auto scatter = [&](const int32_t* pos, int n) {
-          for (int j = 0; j < n; ++j) rows[j] = grad_keys + static_cast<int64_t>(pos[j]) * D;
-          scatter_rows(weights.data(), kKeyBlock, 1, grad_row.data(), rows, n, D);
-        };
-        push_region_keys(layout, b, r, kNoCausalLimit, block, scatter);
-        block.drain(scatter);
+        members.clear();
+        append_region_keys(layout, b, r, kNoCausalLimit, members);
+        for_each_block(
+            members,
+            [&](const int32_t* pos, int n, const int32_t*, int) {
+              for (int j = 0; j < n; ++j) rows[j] = grad_keys + int64_t(pos[j]) * D;
+              scatter_rows(weights.data(), kKeyBlock, 1, grad_row.data(), rows, n, D);
+            });
       }
     }
   });

@@ -68,60 +68,97 @@ GAZE_ALWAYS_INLINE void convert_row(const T* src, int D, float* dst) {
 }
 
 // ----------------------------------------------------------------------------
-// Dot products: four independent accumulators per inner loop (four queries
-// against one row, or one query against four rows) so the FMA chains overlap
-// and each loaded row or query is used four times.
+// Dot products: four at a time (four queries against one row, or one query
+// against four rows), each with a 16-lane accumulator, so the FMA chains
+// overlap and each loaded vector is used four times. The four accumulators are
+// then reduced together by a shuffle tree: a scalar reduction per dot product
+// would cost more than the products (D = 128 is 8 FMAs per dot).
 // ----------------------------------------------------------------------------
-template <typename Acc>
-GAZE_ALWAYS_INLINE void dot_rows_impl(const Acc* Q, int G, const Acc* const* rows, int n, int D,
-                                      Acc* dst, int ds) {
+typedef float vfloat16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+GAZE_ALWAYS_INLINE vfloat16 load16(const float* p) {
+  vfloat16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Returns {sum(a), sum(b), sum(c), sum(d)}.
+GAZE_ALWAYS_INLINE void reduce4(vfloat16 a, vfloat16 b, vfloat16 c, vfloat16 d, float* out) {
+  // 16 -> 8 lanes each, two values per vector.
+  vfloat16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  vfloat16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // 8 -> 4 lanes each, four values per vector.
+  vfloat16 x = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // 4 -> 1 lane within each group of four.
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  out[0] = x[0];
+  out[1] = x[4];
+  out[2] = x[8];
+  out[3] = x[12];
+}
+
+// sums[k] = dot(x[k], y[k]) for k < 4, over D elements.
+GAZE_ALWAYS_INLINE void dot4(const float* x0, const float* x1, const float* x2, const float* x3,
+                             const float* y0, const float* y1, const float* y2, const float* y3,
+                             int D, float* sums) {
+  vfloat16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    a0 += load16(x0 + d) * load16(y0 + d);
+    a1 += load16(x1 + d) * load16(y1 + d);
+    a2 += load16(x2 + d) * load16(y2 + d);
+    a3 += load16(x3 + d) * load16(y3 + d);
+  }
+  reduce4(a0, a1, a2, a3, sums);
+  for (; d < D; ++d) {
+    sums[0] += x0[d] * y0[d];
+    sums[1] += x1[d] * y1[d];
+    sums[2] += x2[d] * y2[d];
+    sums[3] += x3[d] * y3[d];
+  }
+}
+
+GAZE_ALWAYS_INLINE void dot_rows_impl(const float* Q, int G, const float* const* rows, int n,
+                                      int D, float* dst, int ds) {
+  float sums[4];
   int g = 0;
   for (; g + 4 <= G; g += 4) {
-    const Acc* q0 = Q + static_cast<int64_t>(g) * D;
-    const Acc* q1 = q0 + D;
-    const Acc* q2 = q1 + D;
-    const Acc* q3 = q2 + D;
+    const float* q0 = Q + static_cast<int64_t>(g) * D;
     for (int j = 0; j < n; ++j) {
-      const Acc* r = rows[j];
-      Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int d = 0; d < D; ++d) {
-        const Acc x = r[d];
-        s0 += q0[d] * x;
-        s1 += q1[d] * x;
-        s2 += q2[d] * x;
-        s3 += q3[d] * x;
-      }
-      dst[(g + 0) * ds + j] = s0;
-      dst[(g + 1) * ds + j] = s1;
-      dst[(g + 2) * ds + j] = s2;
-      dst[(g + 3) * ds + j] = s3;
+      const float* r = rows[j];
+      dot4(q0, q0 + D, q0 + 2 * D, q0 + 3 * D, r, r, r, r, D, sums);
+      for (int t = 0; t < 4; ++t) dst[(g + t) * ds + j] = sums[t];
     }
   }
   for (; g < G; ++g) {
-    const Acc* q = Q + static_cast<int64_t>(g) * D;
+    const float* q = Q + static_cast<int64_t>(g) * D;
     int j = 0;
     for (; j + 4 <= n; j += 4) {
-      const Acc *r0 = rows[j], *r1 = rows[j + 1], *r2 = rows[j + 2], *r3 = rows[j + 3];
-      Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int d = 0; d < D; ++d) {
-        const Acc x = q[d];
-        s0 += r0[d] * x;
-        s1 += r1[d] * x;
-        s2 += r2[d] * x;
-        s3 += r3[d] * x;
-      }
-      dst[g * ds + j + 0] = s0;
-      dst[g * ds + j + 1] = s1;
-      dst[g * ds + j + 2] = s2;
-      dst[g * ds + j + 3] = s3;
+      dot4(rows[j], rows[j + 1], rows[j + 2], rows[j + 3], q, q, q, q, D, sums);
+      for (int t = 0; t < 4; ++t) dst[g * ds + j + t] = sums[t];
     }
     for (; j < n; ++j) {
-      const Acc* r = rows[j];
-      Acc s = 0;
+      const float* r = rows[j];
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
       for (int d = 0; d < D; ++d) s += r[d] * q[d];
+      dst[g * ds + j] = s;
+    }
+  }
+}
+
+// float64 (gradcheck only): plain loops.
+GAZE_ALWAYS_INLINE void dot_rows_impl(const double* Q, int G, const double* const* rows, int n,
+                                      int D, double* dst, int ds) {
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int d = 0; d < D; ++d) s += Q[static_cast<int64_t>(g) * D + d] * rows[j][d];
       dst[g * ds + j] = s;
     }
   }
@@ -209,23 +246,36 @@ GAZE_ALWAYS_INLINE void accumulate_rows_16(const float* W, int ws, int G, const 
   });
 }
 
-// 2^x for x <= 0 (softmax arguments), relative error ~2e-7: x = n + f with
-// f in [-0.5, 0.5], 2^f from a degree-6 polynomial, 2^n built in the exponent.
-GAZE_ALWAYS_INLINE float exp2_poly(float x) {
-  x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
-  const float n = __builtin_roundevenf(x);
-  const float f = x - n;
-  float p = 1.535336188319500e-4f;
+// 2^x for softmax arguments (x <= 0), relative error ~2e-7: x = n + f with
+// f in [-0.5, 0.5], 2^f from a degree-6 polynomial, 2^n built in the exponent
+// bits; x <= -127 gives 0. Written on whole vectors: GCC does not vectorize
+// the clamps and the rounding of a scalar version.
+typedef int32_t vint16 __attribute__((vector_size(64)));
+
+GAZE_ALWAYS_INLINE vfloat16 exp2_vec(vfloat16 x) {
+  const vfloat16 lo = vfloat16{} - 127.0f, hi = vfloat16{} + 127.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vfloat16 round_magic = vfloat16{} + 12582912.0f;  // 1.5 * 2^23: rounds to nearest even
+  const vfloat16 n = (x + round_magic) - round_magic;
+  const vfloat16 f = x - n;
+  vfloat16 p = vfloat16{} + 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
+  const vint16 exponent = (__builtin_convertvector(n, vint16) + 127) << 23;
+  return p * reinterpret_cast<const vfloat16&>(exponent);
+}
+
+GAZE_ALWAYS_INLINE float horizontal_sum(vfloat16 v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(v));
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
+  return s;
 }
 
 template <typename T>
@@ -308,14 +358,36 @@ void scale(double* dst, int n, double factor) {
 
 GAZE_SIMD_CLONES
 float exp2_shifted(float* x, int n, float shift) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n; ++j) {
-    const float e = exp2_poly(x[j] - shift);
-    x[j] = e;
+  vfloat16 sum = {};
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat16 e = exp2_vec(load16(x + j) - shift);
+    std::memcpy(x + j, &e, sizeof(e));
     sum += e;
   }
-  return sum;
+  if (j < n) {  // tail: pad with -inf, whose 2^x is 0
+    float tail[kLanes];
+    for (int t = 0; t < kLanes; ++t) tail[t] = j + t < n ? x[j + t] : -__builtin_inff();
+    const vfloat16 e = exp2_vec(load16(tail) - shift);
+    std::memcpy(tail, &e, sizeof(e));
+    for (int t = 0; j + t < n; ++t) x[j + t] = tail[t];
+    sum += e;
+  }
+  return horizontal_sum(sum);
+}
+
+GAZE_SIMD_CLONES
+float max_value(const float* x, int n) {
+  float m = -__builtin_inff();
+#pragma omp simd reduction(max : m)
+  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+double max_value(const double* x, int n) {
+  double m = -__builtin_inf();
+  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
 }
 
 GAZE_SIMD_CLONES

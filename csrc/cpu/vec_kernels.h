@@ -50,6 +50,10 @@ float exp2_shifted(float* x, int n, float shift);
 // dst[j] *= factor
 void scale(float* dst, int n, float factor);
 
+// max_j x[j] (-inf for n = 0; NaN entries are passed over)
+float max_value(const float* x, int n);
+double max_value(const double* x, int n);
+
 // dst[j] = src[j] converted to the accumulation type.
 void load_row(const c10::Half* src, int n, float* dst);
 void load_row(const c10::BFloat16* src, int n, float* dst);

@@ -1,0 +1,68 @@
+// The key positions a query attends to (fixed tokens, then the tokens of its
+// selected regions), collected into a list and walked in blocks, so the SIMD
+// loops run over up to kKeyBlock rows at a time and the rows of the next block
+// can be prefetched while one block is computed (the rows are gathered from
+// all over the cache, which the hardware prefetcher cannot guess).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common/layout.h"
+
+namespace gaze::cpu {
+
+constexpr int kKeyBlock = 64;
+
+// Visible fixed tokens of batch element b (-1 padding skipped).
+inline void append_fixed_keys(const LayoutView& layout, int64_t b, int32_t limit,
+                              std::vector<int32_t>& out) {
+  const int32_t* fixed = layout.fixed(b);
+  for (int32_t j = 0; j < layout.num_fixed; ++j) {
+    if (layout.visible(fixed[j], limit)) out.push_back(fixed[j]);
+  }
+}
+
+// Visible tokens of region r of batch element b.
+inline void append_region_keys(const LayoutView& layout, int64_t b, int32_t r, int32_t limit,
+                               std::vector<int32_t>& out) {
+  const int32_t* tokens = layout.tokens(b);
+  const RegionSpan span = layout.region(b, r);
+  for (int32_t t = span.begin; t < span.end; ++t) {
+    if (layout.visible(tokens[t], limit)) out.push_back(tokens[t]);
+  }
+}
+
+// Visible tokens of the regions listed in `slots` (K entries), by the selection rules.
+inline void append_selected_keys(const LayoutView& layout, int64_t b, const int32_t* slots,
+                                 int32_t K, int32_t limit, std::vector<int32_t>& out) {
+  SelectionCursor cursor{slots, K};
+  for (int32_t r = cursor.advance(layout); r >= 0; r = cursor.advance(layout)) {
+    append_region_keys(layout, b, r, limit, out);
+  }
+}
+
+// visit(positions, n, next, next_n) over consecutive blocks of `keys`, where
+// `next` is the block after this one (for prefetching).
+template <typename Visit>
+void for_each_block(const std::vector<int32_t>& keys, Visit&& visit) {
+  const int n = static_cast<int>(keys.size());
+  for (int j = 0; j < n; j += kKeyBlock) {
+    const int next = std::min(j + kKeyBlock, n);
+    visit(keys.data() + j, next - j, keys.data() + next, std::min(n - next, kKeyBlock));
+  }
+}
+
+// Rows fetched ahead of use: a steady trickle (a few rows ahead of the loop that
+// reads them) keeps the line fill buffers busy without stalling on a burst.
+constexpr int kPrefetchRows = 8;
+
+// Asks for row `base + pos * row_stride` (row_bytes) to be brought to cache.
+template <typename T>
+inline void prefetch_row(const T* base, int64_t row_stride, int32_t pos, int64_t row_bytes) {
+  const char* row = reinterpret_cast<const char*>(base + pos * row_stride);
+  for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 3);
+}
+
+}  // namespace gaze::cpu
