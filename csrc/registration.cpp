@@ -29,3 +29,8 @@ TORCH_LIBRARY(gaze, m) {
       "Tensor out, Tensor lse, Tensor region_ptr, Tensor region_tokens, Tensor fixed_tokens, "
       "Tensor idx, Tensor? q_pos, float scale) -> (Tensor, Tensor, Tensor)");
 }
+
+// region_topk is not differentiable: its outputs never require grad, even when q does.
+TORCH_LIBRARY_IMPL(gaze, Autograd, m) {
+  m.impl("region_topk", torch::CppFunction::makeFallthrough());
+}

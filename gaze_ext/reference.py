@@ -152,7 +152,10 @@ def gaze_attention(q: Tensor, k: Tensor, v: Tensor, region_ptr: Tensor, region_t
     vx = v.to(cdt).repeat_interleave(Hq // Hkv, dim=1)
     logits = torch.einsum("bhid,bhnd->bhin", q.to(cdt), kx) * scale
     logits = torch.where(W > 0, logits, float("-inf"))
-    row_max = logits.amax(dim=-1, keepdim=True).detach()
+    if N > 0:
+        row_max = logits.amax(dim=-1, keepdim=True).detach()
+    else:  # no keys at all: nothing to reduce
+        row_max = logits.new_zeros(B, Hq, Lq, 1)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = W * torch.exp(logits - row_max)
     denom = weights.sum(dim=-1, keepdim=True)

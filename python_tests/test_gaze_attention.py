@@ -1,0 +1,160 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gaze_ext import build_layout, ops, reference
+from gaze_ext.layout import GazeLayout
+from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
+                     q_positions, random_batch_layout, random_selection, random_tensor)
+
+
+def layout_args(layout: GazeLayout, device):
+    return (layout.region_ptr.to(device), layout.region_tokens.to(device),
+            layout.fixed_tokens.to(device))
+
+
+CASES = [
+    # B, Hq, Hkv, Lq, N, D, selection heads, causal, shared layout, strided
+    (2, 4, 2, 3, 50, 16, "kv", False, False, False),
+    (1, 6, 2, 5, 70, 64, "q", True, False, True),
+    (3, 2, 2, 4, 33, 80, "q", False, True, "last"),
+    (2, 8, 1, 1, 90, 128, "kv", True, False, False),
+    (1, 3, 3, 9, 20, 7, "kv", True, True, True),
+    (2, 4, 4, 2, 64, 96, "q", False, False, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_forward_backward_match_reference(device, dtype, case):
+    B, Hq, Hkv, Lq, N, D, sel, causal, shared, strided = CASES[case]
+    gen = generator(1000 + case)
+    layout = random_batch_layout(gen, B, N, shared=shared, max_regions=12)
+    Hs = Hkv if sel == "kv" else Hq
+    idx = random_selection(gen, (B, Hs, Lq, 5), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N) if causal else None
+    scale = 0.3 + 0.2 * case
+    q = random_tensor(gen, (B, Hq, Lq, D), dtype, device, strided).requires_grad_()
+    k = random_tensor(gen, (B, Hkv, N, D), dtype, device, strided).requires_grad_()
+    v = random_tensor(gen, (B, Hkv, N, D), dtype, device, strided).requires_grad_()
+    out, lse = ops.gaze_attention(q, k, v, *layout_args(layout, device), idx.to(device),
+                                  None if q_pos is None else q_pos.to(device), scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == (B, Hq, Lq, D) and lse.shape == (B, Hq, Lq)
+
+    leaves = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    same_leaves = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    hp = high_precision(dtype)
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, scale)
+    ref_out, ref_lse = reference.gaze_attention(*[t.to(hp) for t in leaves], *args)
+    same_out, same_lse = reference.gaze_attention(*same_leaves, *args, compute_dtype=dtype)
+    error_bound_check("out", out.detach().cpu(), ref_out.detach(), same_out.detach(), 2.0,
+                      atol_for(dtype))
+    lse_tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(lse.detach().cpu(), ref_lse.detach().float(), atol=lse_tol,
+                               rtol=1e-4)
+
+    grad_out = random_tensor(gen, (B, Hq, Lq, D), dtype, "cpu")
+    finite = torch.isfinite(ref_lse.detach())
+    loss_w = torch.where(finite, torch.randn(B, Hq, Lq, generator=gen), 0.0)
+
+    def loss(o, l):
+        return (o.float() * grad_out.to(o.device).float()).sum() + (
+            torch.where(finite.to(o.device), l, 0).float() * loss_w.to(o.device)).sum()
+
+    loss(out, lse).backward()
+    loss(ref_out, ref_lse).backward()
+    loss(same_out, same_lse).backward()
+    for name, got, ref, same in zip("qkv", (q, k, v), leaves, same_leaves):
+        error_bound_check(f"d{name}", got.grad.cpu(), ref.grad, same.grad, 3.0, atol_for(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_regions_selected_equals_dense_sdpa(device, dtype, causal):
+    """Every key in a region or fixed, every region selected: dense attention."""
+    B, Hq, Hkv, Lq, D = 2, 8, 2, 6, 64
+    layout = build_layout([(3, 1, 9, 7), (80, 2, 5, 6)], 150, region_shape=(1, 4, 4))
+    N, R = layout.num_keys, layout.num_regions
+    gen = generator(3)
+    q = random_tensor(gen, (B, Hq, Lq, D), dtype, device)
+    k = random_tensor(gen, (B, Hkv, N, D), dtype, device)
+    v = random_tensor(gen, (B, Hkv, N, D), dtype, device)
+    idx = torch.arange(R, dtype=torch.int32).expand(B, Hkv, Lq, R).contiguous()
+    q_pos = torch.randint(0, N, (B, Lq), generator=gen, dtype=torch.int32) if causal else None
+    out, lse = ops.gaze_attention(q, k, v, *layout_args(layout, device), idx.to(device),
+                                  None if q_pos is None else q_pos.to(device))
+    mask = None
+    if causal:
+        mask = torch.arange(N)[None, None, :] <= q_pos[:, :, None]  # [B, Lq, N]
+        mask = mask[:, None].to(device)
+    hp = high_precision(dtype)
+    dense = F.scaled_dot_product_attention(q.to(hp), k.to(hp), v.to(hp), attn_mask=mask,
+                                           enable_gqa=True)
+    same = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    error_bound_check("out vs sdpa", out.cpu(), dense.cpu(), same.cpu(), 2.0, atol_for(dtype))
+    logits = torch.einsum("bhid,bhnd->bhin", q.to(hp), k.to(hp).repeat_interleave(Hq // Hkv, 1))
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse.cpu().double(), (logits * D ** -0.5).logsumexp(-1).cpu().double(),
+                               atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_query_seeing_no_key(device):
+    layout = build_layout([(10, 1, 4, 4)], 30)
+    q = torch.randn(1, 2, 3, 8, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 30, 8, device=device, requires_grad=True)
+    v = torch.randn(1, 1, 30, 8, device=device, requires_grad=True)
+    idx = torch.tensor([0], dtype=torch.int32).expand(1, 1, 3, 1).contiguous().to(device)
+    q_pos = torch.tensor([[-1, 5, 29]], dtype=torch.int32, device=device)
+    out, lse = ops.gaze_attention(q, k, v, *layout_args(layout, device), idx, q_pos)
+    assert (out[:, :, 0] == 0).all() and (lse[:, :, 0] == float("-inf")).all()
+    assert torch.isfinite(lse[:, :, 1:]).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[:, :, 0] == 0).all()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_rules_repeats_and_padding(device):
+    """-1 skipped; a region equal to the last one taken counts once, even across -1;
+    a region listed again later counts again (as the contract says)."""
+    layout = GazeLayout(torch.tensor([0, 2, 4], dtype=torch.int32),
+                        torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+                        torch.tensor([1, 3], dtype=torch.int32),
+                        torch.tensor([4, -1], dtype=torch.int32), 5)
+    gen = generator(0)
+    q = torch.randn(1, 1, 4, 4, generator=gen).to(device)
+    k = torch.randn(1, 1, 5, 4, generator=gen).to(device)
+    v = torch.randn(1, 1, 5, 4, generator=gen).to(device)
+    idx = torch.tensor([[[[0, 0, 1, -1], [0, -1, 0, 1], [1, 0, 1, -1], [-1, -1, -1, -1]]]],
+                       dtype=torch.int32)
+    out, _ = ops.gaze_attention(q, k, v, *layout_args(layout, device), idx.to(device))
+    weights = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 2, 2, 1], [0, 0, 0, 0, 1]],
+                           dtype=torch.float64)
+    logits = (q[0, 0].cpu().double() @ k[0, 0].cpu().double().T) * 0.5
+    p = weights * logits.exp()
+    expected = (p / p.sum(-1, keepdim=True)) @ v[0, 0].cpu().double()
+    torch.testing.assert_close(out[0, 0].cpu().double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64():
+    gen = generator(21)
+    B, Hq, Hkv, Lq, N, D = 2, 4, 2, 3, 14, 5
+    layout = random_batch_layout(gen, B, N, max_regions=5, max_region_size=4)
+    for Hs, causal in ((Hkv, False), (Hq, True)):
+        idx = random_selection(gen, (B, Hs, Lq, 3), layout.num_regions)
+        q_pos = q_positions(gen, B, Lq, N, low=N // 2) if causal else None
+        q = torch.randn(B, Hq, Lq, D, dtype=torch.float64, generator=gen, requires_grad=True)
+        k = torch.randn(B, Hkv, N, D, dtype=torch.float64, generator=gen, requires_grad=True)
+        v = torch.randn(B, Hkv, N, D, dtype=torch.float64, generator=gen, requires_grad=True)
+
+        def fn(q, k, v):
+            out, lse = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                          layout.fixed_tokens, idx, q_pos, 0.7)
+            return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+        assert torch.autograd.gradcheck(fn, (q, k, v))

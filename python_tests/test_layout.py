@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from gaze_ext import GazeLayout, Visual, build_batch_layout, build_layout, stack_layouts, validate_layout
+
+
+def regions_of(layout, b=None):
+    ptr = layout.region_ptr if b is None else layout.region_ptr[b]
+    tokens = layout.region_tokens if b is None else layout.region_tokens[b]
+    return [tokens[ptr[r]: ptr[r + 1]].tolist() for r in range(ptr.numel() - 1)]
+
+
+def test_image_with_edge_regions():
+    layout = build_layout([(5, 1, 7, 13)], 100)
+    regions = regions_of(layout)
+    assert [len(r) for r in regions] == [36, 36, 6, 6, 6, 1]
+    assert regions[0] == [5 + row * 13 + col for row in range(6) for col in range(6)]
+    assert regions[-1] == [5 + 6 * 13 + 12]
+    assert layout.region_pos.tolist() == [max(r) for r in regions]
+    in_regions = {p for r in regions for p in r}
+    assert sorted(in_regions) == list(range(5, 5 + 91))
+    assert layout.fixed_tokens.tolist() == [p for p in range(100) if p not in in_regions]
+    assert all(t.dtype == torch.int32 for t in layout[:4]) and layout.num_keys == 100
+    validate_layout(layout)
+
+
+def test_video_regions_span_frames_and_several_visuals():
+    layout = build_layout([Visual(0, 3, 4, 4), (60, 1, 2, 3)], 70, region_shape=(2, 4, 2))
+    regions = regions_of(layout)
+    # 3 frames in time blocks of 2 (2 + 1), 1 row block, 2 column blocks; then the 2x3
+    # image in column blocks of 2 + 1
+    assert [len(r) for r in regions] == [16, 16, 8, 8, 4, 2]
+    assert regions[0] == sorted([t * 16 + h * 4 + w for t in range(2) for h in range(4)
+                                 for w in range(2)])
+    assert regions[4:] == [[60, 61, 63, 64], [62, 65]]
+    assert layout.fixed_tokens.tolist() == list(range(48, 60)) + list(range(66, 70))
+    validate_layout(layout)
+
+
+def test_explicit_fixed_tokens_and_no_visuals():
+    layout = build_layout([], 5, fixed_tokens=[4, 0, 2])
+    assert layout.num_regions == 0 and layout.region_ptr.tolist() == [0]
+    assert layout.fixed_tokens.tolist() == [4, 0, 2]
+    validate_layout(layout)
+
+
+@pytest.mark.parametrize("visuals, seq_len, match", [
+    ([(0, 1, 4, 4), (10, 1, 2, 2)], 30, "overlaps"),
+    ([(20, 1, 4, 4)], 30, "past seq_len"),
+    ([(0, 0, 4, 4)], 30, ">= 1"),
+])
+def test_builder_rejects_bad_visuals(visuals, seq_len, match):
+    with pytest.raises(ValueError, match=match):
+        build_layout(visuals, seq_len)
+
+
+def test_ragged_batch_is_padded():
+    batch = build_batch_layout([([(0, 1, 6, 6)], 40), ([(2, 1, 12, 6), (80, 1, 6, 6)], 120)])
+    assert batch.batched and batch.num_keys == 120
+    assert batch.region_ptr.shape == (2, 4) and batch.region_pos.shape == (2, 3)
+    assert batch.region_ptr[0].tolist() == [0, 36, 36, 36]  # two empty padding regions
+    assert (batch.fixed_tokens[0, 4:] == -1).all()
+    assert regions_of(batch, 1) == regions_of(build_layout([(2, 1, 12, 6), (80, 1, 6, 6)], 120))
+    validate_layout(batch)
+
+
+def test_stack_rejects_batched_and_empty():
+    single = build_layout([(0, 1, 2, 2)], 8)
+    with pytest.raises(ValueError):
+        stack_layouts([])
+    with pytest.raises(ValueError, match="unbatched"):
+        stack_layouts([stack_layouts([single])])
+
+
+def good_layout():
+    return build_layout([(1, 1, 3, 4)], 16, region_shape=(1, 2, 2))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("region_ptr", lambda t: t.long(), "int32"),
+    ("region_ptr", lambda t: t + 1, "start at 0"),
+    ("region_ptr", lambda t: torch.tensor([0, 4, 2, 10, 12], dtype=torch.int32), "decreases"),
+    ("region_ptr", lambda t: torch.tensor([0, 4, 8, 10, 13], dtype=torch.int32), "runs past"),
+    ("region_tokens", lambda t: t + 16, "outside"),
+    ("fixed_tokens", lambda t: torch.cat([t, torch.tensor([16], dtype=torch.int32)]), "outside"),
+    ("fixed_tokens", lambda t: torch.cat([t, torch.tensor([1], dtype=torch.int32)]),
+     "both in a region and fixed"),
+    ("region_pos", lambda t: t - 1, "largest position"),
+    ("region_pos", lambda t: t[:-1], "entries"),
+])
+def test_validator_finds_each_problem(field, value, match):
+    layout = good_layout()
+    bad = layout._replace(**{field: value(getattr(layout, field))})
+    with pytest.raises(ValueError, match=match):
+        validate_layout(bad)
+
+
+def test_validator_checks_batch_consistency():
+    layout = stack_layouts([good_layout(), good_layout()])
+    with pytest.raises(ValueError, match="batch sizes"):
+        validate_layout(layout._replace(fixed_tokens=layout.fixed_tokens[:1]))
+    with pytest.raises(ValueError, match="1-D, or 2-D"):
+        validate_layout(layout._replace(fixed_tokens=layout.fixed_tokens[0]))
+    assert isinstance(layout, GazeLayout)
