@@ -4,6 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+namespace gaze::cpu {
+const char* simd_level();  // cpu/vec_kernels.h, without its torch includes
+}
+
 #define GAZE_STRINGIFY_(x) #x
 #define GAZE_STRINGIFY(x) GAZE_STRINGIFY_(x)
 
@@ -12,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
     info["torch_version"] = TORCH_VERSION;
+    info["cpu_simd"] = gaze::cpu::simd_level();
 #ifdef GAZE_WITH_CUDA
     info["cuda"] = true;
     info["cuda_archs"] = GAZE_STRINGIFY(GAZE_CUDA_ARCHS);

@@ -26,8 +26,7 @@ namespace {
 
 // The keys a query row sees: the fixed tokens for all G heads of the group,
 // then the selected regions, for all heads (shared selection) or for each head
-// on its own. visit(g0, gc, positions, n, next, next_n) gets each block, for
-// heads [g0, g0 + gc), with the block after it for prefetching.
+// on its own. visit(g0, gc, positions, n) gets each block, for heads [g0, g0 + gc).
 struct KeyLists {
   std::vector<int32_t> all_heads;               // fixed (+ regions of a shared selection)
   std::vector<std::vector<int32_t>> per_head;   // regions of each head's own selection
@@ -47,15 +46,13 @@ void for_each_key_block(const AttentionArgs& a, const LayoutView& layout, int64_
   lists.all_heads.clear();
   append_fixed_keys(layout, b, limit, lists.all_heads);
   if (shared) append_selected_keys(layout, b, slots_of(kv_head), K, limit, lists.all_heads);
-  for_each_block(lists.all_heads, [&](const int32_t* pos, int n, const int32_t* next,
-                                      int next_n) { visit(0, G, pos, n, next, next_n); });
+  for_each_block(lists.all_heads, [&](const int32_t* pos, int n) { visit(0, G, pos, n); });
   if (shared) return;
   lists.per_head.resize(G);
   for (int32_t g = 0; g < G; ++g) {
     lists.per_head[g].clear();
     append_selected_keys(layout, b, slots_of(kv_head * G + g), K, limit, lists.per_head[g]);
-    for_each_block(lists.per_head[g], [&](const int32_t* pos, int n, const int32_t* next,
-                                          int next_n) { visit(g, 1, pos, n, next, next_n); });
+    for_each_block(lists.per_head[g], [&](const int32_t* pos, int n) { visit(g, 1, pos, n); });
   }
 }
 
@@ -64,7 +61,7 @@ template <typename scalar_t>
 struct RowGather {
   const scalar_t* k;  // row 0 of the head
   const scalar_t* v;
-  int64_t k_stride, v_stride, row_bytes;
+  int64_t k_stride, v_stride;
   const scalar_t* k_rows[kKeyBlock];
   const scalar_t* v_rows[kKeyBlock];
 
@@ -72,19 +69,6 @@ struct RowGather {
     for (int j = 0; j < n; ++j) {
       k_rows[j] = k + pos[j] * k_stride;
       v_rows[j] = v + pos[j] * v_stride;
-    }
-  }
-  // Before the dot products of rows [j, j + kPrefetchRows): their V rows (read
-  // by the accumulation after the block) and the K rows kPrefetchRows ahead.
-  void prefetch(const int32_t* pos, int n, const int32_t* next, int next_n, int j) const {
-    for (int t = j; t < j + kPrefetchRows; ++t) {
-      if (t < n) prefetch_row(v, v_stride, pos[t], row_bytes);
-      const int ahead = t + kPrefetchRows;
-      if (ahead < n) {
-        prefetch_row(k, k_stride, pos[ahead], row_bytes);
-      } else if (ahead - n < next_n) {
-        prefetch_row(k, k_stride, next[ahead - n], row_bytes);
-      }
     }
   }
 };
@@ -103,7 +87,6 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   scalar_t* out_data = out.data_ptr<scalar_t>();
   acc* lse_data = lse.data_ptr<acc>();
   const acc q_scale = static_cast<acc>(a.scale) * static_cast<acc>(kLog2e);
-  const int64_t row_bytes = int64_t(D) * sizeof(scalar_t);
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -125,16 +108,11 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
 
-      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row, row_bytes};
-      auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t* next,
-                        int next_n) {
+      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
+      auto attend = [&](int g0, int gc, const int32_t* pos, int n) {
         rows.gather(pos, n);
         acc* s = scores.data() + g0 * kKeyBlock;
-        for (int j = 0; j < n; j += kPrefetchRows) {
-          rows.prefetch(pos, n, next, next_n, j);
-          dot_rows(queries.data() + g0 * D, gc, rows.k_rows + j, std::min(kPrefetchRows, n - j),
-                   D, s + j, kKeyBlock, scratch.data());
-        }
+        dot_rows(queries.data() + g0 * D, gc, rows.k_rows, n, D, s, kKeyBlock, scratch.data());
         for (int g = g0; g < g0 + gc; ++g) {
           acc* sg = scores.data() + g * kKeyBlock;
           const acc block_max = max_value(sg, n);
@@ -186,7 +164,6 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   acc* dv_data = dv_acc.data_ptr<acc>();
   const acc log2e = static_cast<acc>(kLog2e);
   const acc q_scale = static_cast<acc>(a.scale) * log2e;
-  const int64_t row_bytes = int64_t(D) * sizeof(scalar_t);
 
   // One task per (batch, KV head): it alone writes that head's dk/dv rows.
   at::parallel_for(0, int64_t(S.batch) * S.kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -200,7 +177,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / S.kv_heads;
       const int32_t hk = static_cast<int32_t>(task % S.kv_heads);
-      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row, row_bytes};
+      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
       acc* dk_head = dk_data + task * N * D;
       acc* dv_head = dv_data + task * N * D;
       for (int32_t i = 0; i < Lq; ++i) {
@@ -220,7 +197,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
         }
         std::fill(dq_accum.begin(), dq_accum.end(), acc(0));
 
-        auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t*, int) {
+        auto attend = [&](int g0, int gc, const int32_t* pos, int n) {
           rows.gather(pos, n);
           for (int j = 0; j < n; ++j) {
             dk_rows[j] = dk_head + int64_t(pos[j]) * D;

@@ -1,8 +1,7 @@
 // The key positions a query attends to (fixed tokens, then the tokens of its
 // selected regions), collected into a list and walked in blocks, so the SIMD
-// loops run over up to kKeyBlock rows at a time and the rows of the next block
-// can be prefetched while one block is computed (the rows are gathered from
-// all over the cache, which the hardware prefetcher cannot guess).
+// loops run over up to kKeyBlock rows at a time. (Software prefetching of the
+// next rows was tried and measured no faster on the decode benchmark.)
 #pragma once
 
 #include <algorithm>
@@ -43,26 +42,11 @@ inline void append_selected_keys(const LayoutView& layout, int64_t b, const int3
   }
 }
 
-// visit(positions, n, next, next_n) over consecutive blocks of `keys`, where
-// `next` is the block after this one (for prefetching).
+// visit(positions, n) over consecutive blocks of `keys`.
 template <typename Visit>
 void for_each_block(const std::vector<int32_t>& keys, Visit&& visit) {
   const int n = static_cast<int>(keys.size());
-  for (int j = 0; j < n; j += kKeyBlock) {
-    const int next = std::min(j + kKeyBlock, n);
-    visit(keys.data() + j, next - j, keys.data() + next, std::min(n - next, kKeyBlock));
-  }
-}
-
-// Rows fetched ahead of use: a steady trickle (a few rows ahead of the loop that
-// reads them) keeps the line fill buffers busy without stalling on a burst.
-constexpr int kPrefetchRows = 8;
-
-// Asks for row `base + pos * row_stride` (row_bytes) to be brought to cache.
-template <typename T>
-inline void prefetch_row(const T* base, int64_t row_stride, int32_t pos, int64_t row_bytes) {
-  const char* row = reinterpret_cast<const char*>(base + pos * row_stride);
-  for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 3);
+  for (int j = 0; j < n; j += kKeyBlock) visit(keys.data() + j, std::min(n - j, kKeyBlock));
 }
 
 }  // namespace gaze::cpu

@@ -1,6 +1,6 @@
 // SIMD building blocks of the CPU kernels. Each is compiled for several x86-64
-// levels (AVX-512, AVX2+FMA+F16C, baseline) and picked at load time, so one
-// wheel runs everywhere and uses the widest vectors the machine has.
+// levels (AVX-512, AVX2+FMA+F16C, baseline) and picked at first use, so one
+// build runs everywhere and uses the widest vectors the machine has.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -9,6 +9,9 @@
 #include <cstdint>
 
 namespace gaze::cpu {
+
+// The instruction set of the kernels in use: "avx512", "avx2" or "baseline".
+const char* simd_level();
 
 // Rows of a block are gathered through pointers: keys at arbitrary positions.
 // dst[g * dst_stride + j] = dot(queries[g], rows[j]) for g < G, j < n.

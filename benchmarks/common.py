@@ -1,0 +1,134 @@
+"""Timing, bandwidth and reporting helpers shared by the benchmarks.
+
+Speed is compared as ratios within one run: every variant is timed in interleaved
+rounds (so drift in clocks or neighbours hits all of them alike) and the median
+of all samples is kept. On CUDA, CUDA events time the device work."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(variants: Dict[str, Callable[[], object]], device: str, rounds: int = 7,
+                  min_time_s: float = 0.05, warmup: int = 3) -> Dict[str, float]:
+    """Median seconds per call of each variant, timed in `rounds` interleaved rounds,
+    each round running a variant repeatedly for at least min_time_s."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    reps = {}
+    for name, fn in variants.items():  # calibrate repetitions per round
+        start = time.perf_counter()
+        n = 0
+        while time.perf_counter() - start < min_time_s / 4 or n < 2:
+            fn()
+            n += 1
+            synchronize(device)
+        reps[name] = max(2, int(n * 4))
+    samples: Dict[str, List[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name].append(_time_once(fn, reps[name], device))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _time_once(fn: Callable[[], object], reps: int, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def memory_bandwidth(device: str, nbytes: int = 1 << 28) -> Dict[str, float]:
+    """Measured bytes/s: 'read' (a sum over a buffer) and 'copy' (a device-to-device copy,
+    counting bytes read plus written), on buffers far larger than the caches we hope for."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_variants({"read": lambda: src.sum(), "copy": lambda: dst.copy_(src)}, device,
+                          rounds=5)
+    return {"read": nbytes / times["read"], "copy": 2 * nbytes / times["copy"]}
+
+
+def environment(device: str) -> Dict[str, str]:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": str(torch.get_num_threads()),
+        "cpu": _cpu_name(),
+        "commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, cuda=str(torch.version.cuda),
+                    sm_count=str(props.multi_processor_count), driver=_driver_version())
+    try:
+        import gaze_ext
+        info["gaze_ext_build"] = json.dumps(gaze_ext.build_info())
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(__file__), check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=os.path.dirname(__file__))
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""Decode-step benchmark: Gaze Attention (region_topk + gaze_attention, descriptors cached)
+against dense attention over the whole KV cache, at the same shapes, in one run.
+
+    python -m benchmarks.decode            # CPU, and CUDA too when a GPU is present
+    python -m benchmarks.decode --check    # exit 1 if a target ratio is missed
+
+Peers: F.scaled_dot_product_attention with enable_gqa=True; the decode trick of viewing
+each KV head's query heads as rows (one SDPA over [B, Hkv, G, D]); and the same sparse
+attention written in plain PyTorch (gather the selected rows, then SDPA).
+Results go to benchmarks/results/decode-<device>.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import gaze_ext
+from gaze_ext import ops
+
+from .common import environment, markdown_table, memory_bandwidth, time_variants
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclass
+class DecodeShape:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    frames: int
+    frame_h: int
+    frame_w: int
+    text: int
+    region: tuple
+    topk_fraction: float
+    dtype: str
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+
+# Issue 2: a video-like cache on the CPU. Issue 3: a longer cache on the GPU.
+CPU_SHAPE = DecodeShape(1, 32, 8, 128, 16, 24, 24, 512, (1, 6, 6), 0.10, "float32")
+GPU_SHAPE = DecodeShape(8, 32, 8, 128, 32, 32, 32, 512, (1, 6, 6), 0.10, "bfloat16")
+# targets: speed-up of gaze over the faster dense peer, per selection mode
+TARGETS = {"cpu": {"shared": 4.0, "per_head": 1.5}, "cuda": {"shared": 6.0, "per_head": 3.0}}
+
+
+def padded_regions(layout) -> torch.Tensor:
+    """[R, S] positions of each region, -1 padded (for the plain-PyTorch peer)."""
+    ptr, tokens = layout.region_ptr.long().cpu(), layout.region_tokens.long().cpu()
+    sizes = ptr[1:] - ptr[:-1]
+    S = int(sizes.max()) if sizes.numel() else 1
+    out = torch.full((sizes.numel(), S), -1, dtype=torch.long)
+    for r in range(sizes.numel()):
+        out[r, : sizes[r]] = tokens[ptr[r]: ptr[r + 1]]
+    return out.to(layout.region_ptr.device)
+
+
+def torch_gather_attention(q, k, v, fixed, regions, idx):
+    """Plain PyTorch: gather fixed + selected rows per selection head, masked SDPA."""
+    B, Hq, _, D = q.shape
+    Hkv, Hs = k.shape[1], idx.shape[1]
+    pos = regions[idx[:, :, 0].long().clamp(min=0)].flatten(2)           # [B, Hs, K*S]
+    pos = torch.where(idx[:, :, 0, :, None].expand(-1, -1, -1, regions.shape[1]).flatten(2) >= 0, pos, -1)
+    pos = torch.cat([fixed.long().expand(B, Hs, -1), pos], dim=2)        # [B, Hs, P]
+    valid = pos >= 0
+    kv_head = torch.arange(Hs, device=q.device) // (Hs // Hkv)
+    rows = pos.clamp(min=0)
+    ks = k[:, kv_head].gather(2, rows[..., None].expand(-1, -1, -1, D))
+    vs = v[:, kv_head].gather(2, rows[..., None].expand(-1, -1, -1, D))
+    qs = q.view(B, Hs, Hq // Hs, D)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, :, None, :])
+    return out.view(B, Hq, 1, D)
+
+
+def row_counts(layout, idx, share: bool, G: int) -> Dict[str, float]:
+    """Key rows per (batch, KV head) and query: those the kernel reads (fixed rows once per
+    group, region rows once per selection head) and the distinct rows any head needs."""
+    ptr = layout.region_ptr.long().cpu()
+    sizes = ptr[1:] - ptr[:-1]
+    F_ = int((layout.fixed_tokens >= 0).sum())
+    sel = idx[:, :, 0].cpu().long()                                        # [B, Hs, K]
+    per_sel = torch.where(sel >= 0, sizes[sel.clamp(min=0)], 0).sum(-1)  # [B, Hs]
+    if share:
+        read = distinct = F_ + per_sel.double().mean().item()
+    else:
+        B, Hq, _ = sel.shape
+        grouped = sel.view(B, Hq // G, G * sel.shape[-1])
+        union = [[sizes[torch.unique(g[g >= 0])].sum().item() for g in row] for row in grouped]
+        read = F_ + per_sel.view(B, -1, G).sum(-1).double().mean().item()
+        distinct = F_ + torch.tensor(union, dtype=torch.float64).mean().item()
+    return {"read": read, "distinct": distinct}
+
+
+def run_shape(shape: DecodeShape, device: str, check: bool) -> Dict[str, object]:
+    torch.manual_seed(0)
+    dtype = shape.torch_dtype
+    B, Hq, Hkv, D = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
+    G = Hq // Hkv
+    visual = shape.frames * shape.frame_h * shape.frame_w
+    N = visual + shape.text
+    layout = gaze_ext.build_layout([(0, shape.frames, shape.frame_h, shape.frame_w)], N,
+                                   region_shape=shape.region, device=device)
+    R = layout.num_regions
+    K = max(1, round(shape.topk_fraction * R))
+    q = torch.randn(B, Hq, 1, D, device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, N, D, device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, N, D, device=device, dtype=dtype)
+    desc = ops.region_pool(k, layout.region_ptr, layout.region_tokens)
+    regions = padded_regions(layout)
+    elt = k.element_size()
+
+    bw = memory_bandwidth(device)
+    floor_bw = bw["copy"] if device == "cuda" else bw["read"]
+    q_grouped = q.view(B, Hkv, G, D)
+    variants = {
+        "sdpa_gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "sdpa_grouped_rows": lambda: F.scaled_dot_product_attention(q_grouped, k, v),
+    }
+    selections = {}
+    for mode, share in (("shared", True), ("per_head", False)):
+        idx, _ = ops.region_topk(q, desc, layout.region_ptr, K, share)
+        selections[mode] = idx
+
+        def gaze_step(share=share):
+            sel, _ = ops.region_topk(q, desc, layout.region_ptr, K, share)
+            return ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                      layout.fixed_tokens, sel)
+
+        variants[f"gaze_{mode}"] = gaze_step
+        variants[f"topk_{mode}"] = lambda share=share: ops.region_topk(
+            q, desc, layout.region_ptr, K, share)
+        variants[f"attention_{mode}"] = lambda idx=idx: ops.gaze_attention(
+            q, k, v, layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx)
+        variants[f"torch_gather_{mode}"] = lambda idx=idx: torch_gather_attention(
+            q, k, v, layout.fixed_tokens, regions, idx)
+    times = time_variants(variants, device)
+    dense = min(times["sdpa_gqa"], times["sdpa_grouped_rows"])
+
+    dense_bytes = 2 * B * Hkv * N * D * elt + 2 * B * Hq * D * elt
+    rows = []
+    for name in ("sdpa_gqa", "sdpa_grouped_rows"):
+        rows.append(dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name],
+                         MB=dense_bytes / 1e6, GBps=dense_bytes / times[name] / 1e9,
+                         floor_ratio=times[name] / (dense_bytes / floor_bw)))
+    ratios = {}
+    for mode, share in (("shared", True), ("per_head", False)):
+        counts = row_counts(layout, selections[mode], share, G)
+        kv_bytes = 2 * B * Hkv * D * elt
+        attn_bytes = kv_bytes * counts["distinct"] + 2 * B * Hq * D * elt
+        attn_read = kv_bytes * counts["read"] + 2 * B * Hq * D * elt
+        topk_bytes = B * Hkv * R * D * elt + B * Hq * D * elt
+        for name, nbytes in ((f"gaze_{mode}", attn_bytes + topk_bytes),
+                             (f"topk_{mode}", topk_bytes), (f"attention_{mode}", attn_bytes),
+                             (f"torch_gather_{mode}", attn_bytes)):
+            rows.append(dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name],
+                             MB=nbytes / 1e6, GBps=nbytes / times[name] / 1e9,
+                             floor_ratio=times[name] / (nbytes / floor_bw)))
+        rows[-3]["read_MB"] = attn_read / 1e6
+        ratios[mode] = dense / times[f"gaze_{mode}"]
+    targets = TARGETS[device]
+    verdicts = {m: ("PASS" if ratios[m] >= targets[m] else "MISS") for m in ratios}
+    return dict(device=device, shape=asdict(shape), regions=R, topk=K, keys=N,
+                bandwidth_GBps={k: v / 1e9 for k, v in bw.items()}, floor_bandwidth=
+                "copy" if device == "cuda" else "read", rows=rows, ratios=ratios,
+                targets=targets, verdicts=verdicts, env=environment(device))
+
+
+def report(result: Dict[str, object]) -> str:
+    s = result["shape"]
+    lines = [
+        f"# Decode step on {result['device']}: Gaze Attention vs dense SDPA",
+        "",
+        f"B={s['batch']}, Hq={s['q_heads']}, Hkv={s['kv_heads']}, D={s['head_dim']}, {s['dtype']}; "
+        f"{s['frames']} frames of {s['frame_h']}x{s['frame_w']} tokens in {tuple(s['region'])} "
+        f"regions + {s['text']} text tokens = {result['keys']} keys, {result['regions']} regions, "
+        f"top {result['topk']} ({s['topk_fraction']:.0%}); descriptors cached.",
+        "",
+        "Environment: " + ", ".join(f"{k}={v}" for k, v in result["env"].items()),
+        "",
+        "Measured bandwidth (GB/s): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in result["bandwidth_GBps"].items())
+        + f"; floor = bytes / {result['floor_bandwidth']} bandwidth.",
+        "",
+        markdown_table(result["rows"], ["variant", "ms", "speedup", "MB", "GBps", "floor_ratio"]),
+        "",
+        "MB: bytes the op must move (distinct K/V rows needed by the step, q, out; descriptors "
+        "for top-k). speedup: over the faster dense peer. floor_ratio: time / (MB / bandwidth).",
+        "",
+    ]
+    for mode, ratio in result["ratios"].items():
+        lines.append(f"- {mode} selection: region_topk + gaze_attention is {ratio:.2f}x faster "
+                     f"than the faster dense peer (target {result['targets'][mode]}x): "
+                     f"**{result['verdicts'][mode]}**")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--out", default=RESULTS_DIR, help="folder for the result files")
+    args = parser.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not (torch.cuda.is_available() and gaze_ext.build_info()["cuda"]):
+        if args.device == "cuda":
+            print("no GPU or no CUDA kernels: nothing to run on cuda", file=sys.stderr)
+            return 1
+        devices.remove("cuda")
+    missed = False
+    os.makedirs(args.out, exist_ok=True)
+    for device in devices:
+        result = run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device, args.check)
+        text = report(result)
+        print(text)
+        with open(os.path.join(args.out, f"decode-{device}.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, f"decode-{device}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        missed |= "MISS" in result["verdicts"].values()
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
