@@ -64,7 +64,7 @@ def extension():
     arch_tag = "_".join("sm" + re.sub(r"[^0-9a-z]", "", a) for a in re.split(r"[;\s,]+", archs) if a)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     defines = ["-DGAZE_WITH_CUDA", f"-DGAZE_CUDA_ARCHS={arch_tag}"]
-    nvcc = ["-O3", "-g0", "--use_fast_math", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
     return CUDAExtension(
         "gaze_ext._C",
         sources,

@@ -57,11 +57,24 @@ GAZE_HD double log2_approx(double x) { return log2(x); }
 // ---------------------------------------------------------------------------
 
 // Monotone map float -> uint32 (larger float, larger key). -0 and +0 map to one
-// key (they tie), NaN maps to 0, below -inf.
+// key (they tie); NaN maps to 1, below -inf (0x007FFFFF). 0 is never a score's
+// key: the GPU selection uses it for "not selectable".
 GAZE_HD uint32_t score_order_key(float score) {
-  if (score != score) return 0u;
+  if (score != score) return 1u;
   uint32_t u = float_bits(score == 0.0f ? 0.0f : score);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Inverse of score_order_key (NaN for the NaN key).
+GAZE_HD float score_from_order_key(uint32_t key) {
+  const uint32_t u = (key & 0x80000000u) ? (key ^ 0x80000000u) : ~key;
+  float f;
+#if defined(__CUDA_ARCH__)
+  f = __uint_as_float(u);
+#else
+  __builtin_memcpy(&f, &u, sizeof(f));
+#endif
+  return key == 1u ? std::numeric_limits<float>::quiet_NaN() : f;
 }
 
 GAZE_HD uint64_t selection_key(float score, int32_t region) {

@@ -1,0 +1,195 @@
+// Work decomposition shared by the CUDA attention forward and backward.
+//
+// A *unit* is one query row i of batch b seen by one selection head hs, for a
+// chunk of at most NH query heads: with a shared selection (idx has Hkv heads)
+// the unit holds the query heads of KV head hs, so every gathered K/V row is
+// read once for all of them; with one selection per query head it holds that
+// head. A unit's keys are a virtual list, the fixed tokens then the tokens of
+// the selected regions; it is cut into `splits` parts (flash-decoding), each
+// handled by one thread block and merged by log-sum-exp, so a decode step with
+// B = 1 still fills the GPU. Split s takes an equal share of the fixed tokens
+// and of the selection slots.
+#pragma once
+
+#include "../common/op_args.h"
+#include "cuda_common.cuh"
+
+namespace gaze::cuda {
+
+constexpr int kAttnThreads = 128;
+constexpr int kAttnWarps = kAttnThreads / 32;
+constexpr int kKeyBatch = 32;   // keys scored, normalized and accumulated per step
+constexpr int kMaxSlots = 256;  // selection slots per split (host picks splits to fit)
+
+struct AttnParams {
+  const void* q;     // [B, Hq, Lq, D]
+  const void* k;     // [B, Hkv, N, D]
+  const void* v;     // [B, Hkv, N, D]
+  Strides4 qs, ks, vs;
+  LayoutView layout;
+  const int32_t* idx;    // [B, Hs, Lq, K] contiguous
+  const int32_t* q_pos;  // [B, Lq] or null
+  AttentionShape shape;
+  float score_scale;     // scale * log2(e): scores in base 2
+  int head_chunks;       // query-head chunks per selection head (shared selection, G > NH)
+  int splits;
+  int slots_per_split;
+  int lanes;             // lanes per K row in the scoring step
+  int64_t units;
+
+  // forward outputs
+  void* out;              // [B, Hq, Lq, D] (dtype of q), when splits == 1
+  float* lse;             // [B, Hq, Lq], when splits == 1
+  float* partial_stats;   // [units, splits, NH, 2] (max, sum), when splits > 1
+  float* partial_acc;     // [units, splits, NH, D], when splits > 1
+
+  // backward inputs / outputs
+  const void* grad_out;   // [B, Hq, Lq, D]
+  Strides4 gs;
+  const float* lse_in;    // [B, Hq, Lq]
+  const float* delta;     // [B, Hq, Lq]: rowsum(dO * O) - dlse
+  float* dq;              // [B, Hq, Lq, D] float32
+  float* dk;              // [B, Hkv, N, D] float32
+  float* dv;              // [B, Hkv, N, D] float32
+};
+
+struct Unit {
+  int64_t b;
+  int sel_head;   // row of idx
+  int kv_head;
+  int first_head; // first query head
+  int num_heads;  // <= NH
+  int i;          // query row
+};
+
+__device__ __forceinline__ Unit decode_unit(const AttnParams& p, int64_t u, int NH) {
+  const AttentionShape& S = p.shape;
+  Unit unit;
+  unit.i = int(u % S.q_len);
+  int64_t rest = u / S.q_len;
+  const int chunk = int(rest % p.head_chunks);
+  rest /= p.head_chunks;
+  unit.sel_head = int(rest % S.sel_heads);
+  unit.b = rest / S.sel_heads;
+  const int G = S.group();
+  if (S.sel_heads == S.q_heads && G > 1) {  // one selection per query head
+    unit.first_head = unit.sel_head;
+    unit.num_heads = 1;
+    unit.kv_head = unit.sel_head / G;
+  } else {  // shared selection: the KV head's query heads, NH at a time
+    unit.kv_head = unit.sel_head;
+    unit.first_head = unit.sel_head * G + chunk * NH;
+    unit.num_heads = min(NH, G - chunk * NH);
+  }
+  return unit;
+}
+
+// The keys of one split of one unit, in shared memory: fixed tokens
+// [fixed_begin, fixed_end) then the regions of slots [0, num_slots).
+struct KeyStream {
+  int32_t region_begin[kMaxSlots];   // into region_tokens of the batch element
+  int32_t region_offset[kMaxSlots + 1];  // exclusive prefix of region sizes
+  int32_t fixed_begin, num_fixed, num_slots, length;
+  int32_t previous;  // the last region taken before this split's slots
+
+  // All threads of the block call this; ends with __syncthreads().
+  __device__ void init(const AttnParams& p, const Unit& unit, int split) {
+    const LayoutView& layout = p.layout;
+    const AttentionShape& S = p.shape;
+    const int F = layout.num_fixed, K = S.topk;
+    const int32_t* slots =
+        p.idx + ((unit.b * S.sel_heads + unit.sel_head) * S.q_len + unit.i) * int64_t(K);
+    const int s0 = min(K, split * p.slots_per_split);
+    const int s1 = min(K, s0 + p.slots_per_split);
+    if (threadIdx.x == 0) {
+      fixed_begin = int(int64_t(F) * split / p.splits);
+      num_fixed = int(int64_t(F) * (split + 1) / p.splits) - fixed_begin;
+      num_slots = s1 - s0;
+      int32_t prev = -1;  // the rule "equal to the last region taken" crosses splits
+      for (int s = s0 - 1; s >= 0; --s) {
+        if (layout.is_region(slots[s])) {
+          prev = slots[s];
+          break;
+        }
+      }
+      previous = prev;
+    }
+    __syncthreads();
+    // region_offset temporarily holds each slot's size
+    for (int t = threadIdx.x; t < num_slots; t += blockDim.x) {
+      const int32_t r = slots[s0 + t];
+      int32_t prev = previous;
+      for (int s = s0 + t - 1; s >= s0; --s) {
+        if (layout.is_region(slots[s])) {
+          prev = slots[s];
+          break;
+        }
+      }
+      int32_t size = 0, begin = 0;
+      if (layout.is_region(r) && r != prev) {
+        const RegionSpan span = layout.region(unit.b, r);
+        begin = span.begin;
+        size = span.size();
+      }
+      region_begin[t] = begin;
+      region_offset[t] = size;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // exclusive scan of up to kMaxSlots sizes: 8 per lane
+      constexpr int kPerLane = kMaxSlots / 32;
+      const int lane = threadIdx.x;
+      int32_t local[kPerLane], sum = 0;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const int t = lane * kPerLane + e;
+        local[e] = t < num_slots ? region_offset[t] : 0;
+        sum += local[e];
+      }
+      int32_t inclusive = sum;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int32_t other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      int32_t running = inclusive - sum;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const int t = lane * kPerLane + e;
+        if (t < num_slots) region_offset[t] = running;
+        running += local[e];
+      }
+      if (lane == 31) {
+        region_offset[num_slots] = inclusive;
+        length = num_fixed + inclusive;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Key position of entry v < length (not yet checked against N or causality).
+  __device__ int32_t position(const AttnParams& p, const Unit& unit, int v) const {
+    if (v < num_fixed) return p.layout.fixed(unit.b)[fixed_begin + v];
+    const int w = v - num_fixed;
+    int lo = 0, hi = num_slots - 1;  // last slot whose offset <= w
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (region_offset[mid] <= w) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return p.layout.tokens(unit.b)[region_begin[lo] + (w - region_offset[lo])];
+  }
+};
+
+inline int num_heads_per_unit_template(int heads) {
+  return heads <= 1 ? 1 : heads <= 2 ? 2 : heads <= 4 ? 4 : 8;
+}
+
+// Host side (attention_forward.cu): the operands and layout into p, and the
+// work decomposition (units, heads per unit NH, which it returns, and splits).
+void fill_common(const AttentionArgs& a, AttnParams& p);
+int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits);
+
+}  // namespace gaze::cuda

@@ -1,0 +1,321 @@
+// CUDA gaze_attention forward: split-K gathered attention (flash-decoding).
+//
+// Each thread block runs one split of one unit (see attention_common.cuh) in
+// steps of kKeyBatch keys:
+//   a. the batch's key positions (masked by N and causality) go to shared memory;
+//   b. groups of lanes score one K row each for all the unit's heads (16-byte
+//      loads, shuffle reduction);
+//   c. one warp per head updates the base-2 online softmax;
+//   d. threads own (head, 16-byte chunk of D, key subset) and add p * V into the
+//      float32 accumulator in shared memory.
+// With one split the block writes out and lse; with several it writes partial
+// (max, sum, accumulator) and a second kernel merges them by log-sum-exp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../common/dispatch.h"
+#include "../common/op_args.h"
+#include "attention_common.cuh"
+
+namespace gaze::cuda {
+namespace {
+
+template <typename T, bool kVec, int NH>
+__global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnParams p) {
+  using Chunk = RowChunk<T, kVec>;
+  constexpr int C = Chunk::kChunk;
+  const int D = p.shape.head_dim, chunks = D / C;
+  extern __shared__ __align__(16) float smem[];
+  float* query = smem;                    // [NH][D], scaled to base-2 scores
+  float* acc = query + NH * D;            // [NH][D]
+  __shared__ float probs[NH][kKeyBatch];  // scores, then probabilities
+  __shared__ int32_t positions[kKeyBatch];
+  __shared__ float row_max[NH], row_sum[NH], rescale[NH];
+  __shared__ KeyStream stream;
+
+  const int64_t u = blockIdx.x / p.splits;
+  const int split = int(blockIdx.x % p.splits);
+  const Unit unit = decode_unit(p, u, NH);
+  const LayoutView& layout = p.layout;
+  const int32_t limit = p.q_pos ? p.q_pos[unit.b * p.shape.q_len + unit.i] : kNoCausalLimit;
+  const T* q = reinterpret_cast<const T*>(p.q);
+  const T* k = reinterpret_cast<const T*>(p.k) + p.ks.offset(unit.b, unit.kv_head, 0);
+  const T* v = reinterpret_cast<const T*>(p.v) + p.vs.offset(unit.b, unit.kv_head, 0);
+
+  for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) {
+    const int h = e / D, d = e % D;
+    query[e] = h < unit.num_heads
+                   ? to_float(q[p.qs.offset(unit.b, unit.first_head + h, unit.i) + d]) * p.score_scale
+                   : 0.f;
+    acc[e] = 0.f;
+  }
+  if (threadIdx.x < NH) {
+    row_max[threadIdx.x] = kNegInf;
+    row_sum[threadIdx.x] = 0.f;
+  }
+  stream.init(p, unit, split);  // ends with a barrier
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int sub = lane % p.lanes, group = warp * (32 / p.lanes) + lane / p.lanes;
+  const int groups = kAttnThreads / p.lanes;
+  // step d: threads own (head, chunk, key subset)
+  const int owners = NH * chunks;
+  const int subsets = max(1, min(kKeyBatch, kAttnThreads / max(owners, 1)));
+
+  for (int v0 = 0; v0 < stream.length; v0 += kKeyBatch) {
+    // a. positions
+    if (threadIdx.x < kKeyBatch) {
+      const int e = v0 + threadIdx.x;
+      int32_t pos = -1;
+      if (e < stream.length) pos = stream.position(p, unit, e);
+      positions[threadIdx.x] = layout.visible(pos, limit) ? pos : -1;
+    }
+    __syncthreads();
+
+    // b. scores: one K row per lane group, all heads at once
+    for (int j = group; j < kKeyBatch; j += groups) {  // same trip count across a warp
+      const int32_t pos = positions[j];
+      float partial[NH] = {};
+      if (pos >= 0) {
+        const T* krow = k + int64_t(pos) * p.ks.row;
+        for (int c = sub; c < chunks; c += p.lanes) {
+          Chunk x;
+          x.load(krow + int64_t(c) * C);
+#pragma unroll
+          for (int h = 0; h < NH; ++h) {
+#pragma unroll
+            for (int e = 0; e < C; ++e) partial[h] += query[h * D + c * C + e] * x.v[e];
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < NH; ++h) partial[h] = warp_sum(partial[h], p.lanes);
+      if (sub == 0) {
+#pragma unroll
+        for (int h = 0; h < NH; ++h) {
+          probs[h][j] = (pos >= 0 && h < unit.num_heads) ? partial[h] : kNegInf;
+        }
+      }
+    }
+    __syncthreads();
+
+    // c. online softmax, one warp per head (kKeyBatch == 32 keys: one per lane)
+    for (int h = warp; h < NH; h += kAttnWarps) {
+      const float s = probs[h][lane];
+      const float old_max = row_max[h];
+      const float new_max = fmaxf(old_max, warp_max(s));
+      const float pj = exp2_approx(s - softmax_safe_max(new_max));
+      probs[h][lane] = pj;
+      const float sum = warp_sum(pj);
+      if (lane == 0) {
+        const float r = softmax_rescale(old_max, new_max);
+        rescale[h] = r;
+        row_sum[h] = row_sum[h] * r + sum;
+        row_max[h] = new_max;
+      }
+    }
+    __syncthreads();
+
+    // d. acc = acc * rescale + P V
+    for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) acc[e] *= rescale[e / D];
+    __syncthreads();
+    for (int o = threadIdx.x; o < owners * subsets; o += kAttnThreads) {
+      const int owner = o % owners, subset = o / owners;
+      const int h = owner / chunks, c = owner % chunks;
+      if (h >= unit.num_heads) continue;
+      float sum[C] = {};
+      for (int j = subset; j < kKeyBatch; j += subsets) {
+        const int32_t pos = positions[j];
+        if (pos < 0) continue;
+        Chunk x;
+        x.load(v + int64_t(pos) * p.vs.row + int64_t(c) * C);
+        const float w = probs[h][j];
+#pragma unroll
+        for (int e = 0; e < C; ++e) sum[e] += w * x.v[e];
+      }
+#pragma unroll
+      for (int e = 0; e < C; ++e) {
+        if (subsets == 1) {
+          acc[h * D + c * C + e] += sum[e];
+        } else {
+          atomicAdd(&acc[h * D + c * C + e], sum[e]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // out / lse, or this split's partial state
+  if (p.splits == 1) {
+    T* out = reinterpret_cast<T*>(p.out);
+    const int64_t first_row =
+        (unit.b * p.shape.q_heads + unit.first_head) * int64_t(p.shape.q_len) + unit.i;
+    for (int e = threadIdx.x; e < unit.num_heads * D; e += kAttnThreads) {
+      const int h = e / D, d = e % D;
+      const int64_t row = first_row + int64_t(h) * p.shape.q_len;
+      out[row * D + d] = from_float<T>(acc[e] * softmax_normalizer(row_sum[h]));
+    }
+    if (threadIdx.x < unit.num_heads) {
+      p.lse[first_row + int64_t(threadIdx.x) * p.shape.q_len] =
+          softmax_lse(row_max[threadIdx.x], row_sum[threadIdx.x]);
+    }
+  } else {
+    const int64_t slot = u * p.splits + split;
+    for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) {
+      p.partial_acc[slot * NH * D + e] = acc[e];
+    }
+    if (threadIdx.x < NH) {
+      p.partial_stats[(slot * NH + threadIdx.x) * 2 + 0] = row_max[threadIdx.x];
+      p.partial_stats[(slot * NH + threadIdx.x) * 2 + 1] = row_sum[threadIdx.x];
+    }
+  }
+}
+
+// Merges the splits of each unit: out = sum_s w_s acc_s / sum_s w_s l_s with
+// w_s = 2^(m_s - max_s m_s).
+template <typename T, int NH>
+__global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p) {
+  const int64_t u = blockIdx.x;
+  const Unit unit = decode_unit(p, u, NH);
+  const int D = p.shape.head_dim, S = p.splits;
+  __shared__ float reference_max[NH], total[NH];
+  // one warp per head: the splits' weights (up to 32 splits per lane pass)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int h = warp; h < NH; h += kAttnWarps) {
+    float m = kNegInf;
+    for (int s = lane; s < S; s += 32) m = fmaxf(m, p.partial_stats[((u * S + s) * NH + h) * 2]);
+    m = warp_max(m);
+    const float safe = softmax_safe_max(m);
+    float l = 0.f;
+    for (int s = lane; s < S; s += 32) {
+      const float* st = p.partial_stats + ((u * S + s) * NH + h) * 2;
+      l += exp2_approx(st[0] - safe) * st[1];
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      total[h] = l;
+      reference_max[h] = safe;
+      if (h < unit.num_heads) {
+        const int64_t row =
+            (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
+        p.lse[row] = softmax_lse(m, l);
+      }
+    }
+  }
+  __syncthreads();
+  T* out = reinterpret_cast<T*>(p.out);
+  for (int e = threadIdx.x; e < unit.num_heads * D; e += kAttnThreads) {
+    const int h = e / D, d = e % D;
+    const float safe = reference_max[h];
+    float sum = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float m = p.partial_stats[((u * S + s) * NH + h) * 2];
+      sum += exp2_approx(m - safe) * p.partial_acc[((u * S + s) * NH + h) * D + d];
+    }
+    const int64_t row = (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
+    out[row * D + d] = from_float<T>(sum * softmax_normalizer(total[h]));
+  }
+}
+
+template <typename T, int NH>
+void launch_forward(AttnParams& p, bool vec, int64_t shared, cudaStream_t stream) {
+  auto kernel = vec ? attention_forward_kernel<T, true, NH> : attention_forward_kernel<T, false, NH>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  kernel<<<dim3(p.units * p.splits), dim3(kAttnThreads), shared, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    merge_splits_kernel<T, NH><<<dim3(p.units), dim3(kAttnThreads), 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits) {
+  const AttentionShape& S = a.shape;
+  const int G = S.group();
+  const bool per_query_head = S.sel_heads == S.q_heads && G > 1;
+  const int heads = per_query_head ? 1 : G;
+  const int NH = num_heads_per_unit_template(std::min(heads, 8));
+  p.head_chunks = per_query_head ? 1 : int(ceil_div(G, NH));
+  p.units = int64_t(S.batch) * S.sel_heads * p.head_chunks * S.q_len;
+  // Enough blocks to fill the GPU a few times over, but no split with fewer
+  // than ~64 fixed tokens and slots' worth of work, and at most kMaxSlots slots each.
+  const int64_t target_blocks = 4 * int64_t(multiprocessor_count());
+  const int64_t num_fixed = a.layout.fixed_tokens.size(-1);
+  const int64_t work = std::max<int64_t>(1, (num_fixed + int64_t(S.topk) * 8) / 64);
+  int64_t splits = std::min<int64_t>({ceil_div(target_blocks, std::max<int64_t>(p.units, 1)), work,
+                                      max_splits});
+  splits = std::max<int64_t>({splits, ceil_div(S.topk, kMaxSlots), 1});
+  p.splits = int(splits);
+  p.slots_per_split = int(ceil_div(std::max(S.topk, 1), p.splits));
+  return NH;
+}
+
+void fill_common(const AttentionArgs& a, AttnParams& p) {
+  p.q = a.q.data_ptr();
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+  p.qs = strides_of(a.q);
+  p.ks = strides_of(a.k);
+  p.vs = strides_of(a.v);
+  p.layout = a.layout.view(a.num_keys);
+  p.idx = a.idx.data_ptr<int32_t>();
+  p.q_pos = a.q_pos.defined() ? a.q_pos.data_ptr<int32_t>() : nullptr;
+  p.shape = a.shape;
+  p.score_scale = a.scale * kLog2e;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& region_ptr,
+    const at::Tensor& region_tokens, const at::Tensor& fixed_tokens, const at::Tensor& idx,
+    const std::optional<at::Tensor>& q_pos, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttentionArgs a = prepare_gaze_attention("gaze_attention", q, k, v, region_ptr, region_tokens,
+                                           fixed_tokens, idx, q_pos, scale);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {out, lse};
+
+  AttnParams p{};
+  fill_common(a, p);
+  const int NH = plan_attention(a, p, 64);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  at::Tensor stats, partial;
+  if (p.splits > 1) {
+    stats = at::empty({p.units, p.splits, NH, 2}, q.options().dtype(at::kFloat));
+    partial = at::empty({p.units, p.splits, NH, a.shape.head_dim}, q.options().dtype(at::kFloat));
+    p.partial_stats = stats.data_ptr<float>();
+    p.partial_acc = partial.data_ptr<float>();
+  }
+  const int64_t shared = 2 * int64_t(NH) * a.shape.head_dim * 4;
+  TORCH_CHECK(shared <= 200 * 1024, "gaze.gaze_attention: head dim ", a.shape.head_dim,
+              " is too large for the CUDA kernel");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {
+    using T = native_t<decltype(tag)>;
+    const int64_t D = a.shape.head_dim;
+    const bool vec = rows_vectorizable<T>(p.k, D, {p.ks.batch, p.ks.head, p.ks.row}) &&
+                     rows_vectorizable<T>(p.v, D, {p.vs.batch, p.vs.head, p.vs.row});
+    p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
+    switch (NH) {
+      case 1: launch_forward<T, 1>(p, vec, shared, stream); break;
+      case 2: launch_forward<T, 2>(p, vec, shared, stream); break;
+      case 4: launch_forward<T, 4>(p, vec, shared, stream); break;
+      default: launch_forward<T, 8>(p, vec, shared, stream); break;
+    }
+  });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace gaze::cuda
+
+TORCH_LIBRARY_IMPL(gaze, CUDA, m) { m.impl("gaze_attention", &gaze::cuda::gaze_attention_cuda); }

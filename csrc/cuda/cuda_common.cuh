@@ -1,0 +1,124 @@
+// Helpers shared by the CUDA kernels: element types, 16-byte row chunks, warp
+// reductions, launch plumbing. Index and softmax arithmetic come from
+// ../common (shared with the CPU kernels).
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../common/layout.h"
+#include "../common/math.h"
+
+namespace gaze::cuda {
+
+// c10 element types -> CUDA's own.
+template <typename T>
+struct Native {
+  using type = T;
+};
+template <>
+struct Native<c10::Half> {
+  using type = __half;
+};
+template <>
+struct Native<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename T>
+using native_t = typename Native<T>::type;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// A row is read in chunks of kChunk elements: 16 bytes when the row layout
+// allows (kVectorized), else one element.
+template <typename T, bool kVectorized>
+struct RowChunk {
+  static constexpr int kChunk = kVectorized ? 16 / sizeof(T) : 1;
+  float v[kChunk];
+
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVectorized) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) v[i] = to_float(e[i]);
+    } else {
+      v[0] = to_float(__ldg(p));
+    }
+  }
+  __device__ __forceinline__ void store(T* p, float scale) const {
+    if constexpr (kVectorized) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) e[i] = from_float<T>(v[i] * scale);
+      *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+      p[0] = from_float<T>(v[0] * scale);
+    }
+  }
+};
+
+// Whether rows of D elements at these element strides can be read 16 bytes at a time.
+template <typename T>
+inline bool rows_vectorizable(const void* base, int64_t D, std::initializer_list<int64_t> strides) {
+  constexpr int64_t chunk = 16 / sizeof(T);
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || D % chunk != 0) return false;
+  for (int64_t s : strides) {
+    if (s % chunk != 0) return false;
+  }
+  return true;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x, int width = 32) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xFFFFFFFFu, x, offset, width);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T x, int width = 32) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset, width));
+  }
+  return x;
+}
+
+// Lanes of a warp that share one row: the fewest power-of-two lanes covering
+// `chunks` chunks (up to 32); each warp then works on 32 / lanes rows at once.
+inline int lanes_per_row(int64_t chunks) {
+  int lanes = 1;
+  while (lanes < 32 && lanes < chunks) lanes *= 2;
+  return lanes;
+}
+
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace gaze::cuda

@@ -1,0 +1,159 @@
+// CUDA region_pool: one warp per (batch, head, region). Lanes split a key row in
+// 16-byte chunks; when a row needs fewer than 32 lanes the warp reads several
+// tokens at once and sums the partial rows with shuffles at the end.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../common/dispatch.h"
+#include "../common/op_args.h"
+#include "cuda_common.cuh"
+
+namespace gaze::cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+// One warp per (b, h, r): the float32 mean of the region's keys.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    pool_kernel(const T* __restrict__ keys, Strides4 ks, LayoutView layout, int H, int D,
+                int lanes, T* __restrict__ desc /* [B, H, R, D] */, int64_t items) {
+  using Chunk = RowChunk<T, kVec>;
+  constexpr int C = Chunk::kChunk;
+  const int64_t item = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (item >= items) return;
+  const int lane = threadIdx.x % 32, sub = lane % lanes, group = lane / lanes;
+  const int groups = 32 / lanes, chunks = D / C, R = layout.num_regions;
+  const int64_t b = item / (int64_t(H) * R);
+  const int h = int((item / R) % H), r = int(item % R);
+  const RegionSpan span = layout.region(b, r);
+  const int32_t* tokens = layout.tokens(b);
+  const float mean = region_mean_scale<float>(span.size());
+
+  for (int c0 = 0; c0 < chunks; c0 += lanes) {
+    const int c = c0 + sub;
+    float acc[C] = {};
+    for (int t = span.begin + group; t < span.end; t += groups) {
+      const int32_t pos = tokens[t];
+      if (c >= chunks || !layout.visible(pos, kNoCausalLimit)) continue;
+      Chunk x;
+      x.load(keys + ks.offset(b, h, pos) + int64_t(c) * C);
+#pragma unroll
+      for (int i = 0; i < C; ++i) acc[i] += x.v[i];
+    }
+    for (int offset = lanes; offset < 32; offset *= 2) {
+#pragma unroll
+      for (int i = 0; i < C; ++i) acc[i] += __shfl_xor_sync(0xFFFFFFFFu, acc[i], offset);
+    }
+    if (group == 0 && c < chunks) {
+      Chunk out;
+#pragma unroll
+      for (int i = 0; i < C; ++i) out.v[i] = acc[i];
+      out.store(desc + item * D + int64_t(c) * C, mean);
+    }
+  }
+}
+
+// One warp per (b, h, r): adds grad_desc / |region| to each listed key's row.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    pool_backward_kernel(const T* __restrict__ grad_desc, Strides4 gs, LayoutView layout, int H,
+                         int D, int lanes, float* __restrict__ grad_keys /* [B, H, N, D] */,
+                         int64_t items) {
+  using Chunk = RowChunk<T, kVec>;
+  constexpr int C = Chunk::kChunk;
+  const int64_t item = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (item >= items) return;
+  const int lane = threadIdx.x % 32, sub = lane % lanes, group = lane / lanes;
+  const int groups = 32 / lanes, chunks = D / C, R = layout.num_regions;
+  const int64_t b = item / (int64_t(H) * R);
+  const int h = int((item / R) % H), r = int(item % R);
+  const RegionSpan span = layout.region(b, r);
+  const int32_t* tokens = layout.tokens(b);
+  const float mean = region_mean_scale<float>(span.size());
+  float* head = grad_keys + (b * H + h) * int64_t(layout.num_keys) * D;
+
+  for (int c = sub; c < chunks; c += lanes) {
+    Chunk g;
+    g.load(grad_desc + gs.offset(b, h, r) + int64_t(c) * C);
+    for (int t = span.begin + group; t < span.end; t += groups) {
+      const int32_t pos = tokens[t];
+      if (!layout.visible(pos, kNoCausalLimit)) continue;
+      float* dst = head + int64_t(pos) * D + int64_t(c) * C;
+#pragma unroll
+      for (int i = 0; i < C; ++i) atomicAdd(dst + i, g.v[i] * mean);
+    }
+  }
+}
+
+// keys [B, Hkv, N, D] -> desc [B, Hkv, R, D]
+at::Tensor region_pool_cuda(const at::Tensor& keys, const at::Tensor& region_ptr,
+                            const at::Tensor& region_tokens) {
+  const c10::cuda::CUDAGuard guard(keys.device());
+  PoolArgs args = prepare_region_pool(keys, region_ptr, region_tokens);
+  const at::Tensor& k = args.keys;
+  const int64_t B = k.size(0), H = k.size(1), R = args.layout.num_regions, D = k.size(3);
+  at::Tensor desc = at::empty({B, H, R, D}, k.options());
+  const int64_t items = B * H * R;
+  if (items == 0 || D == 0) return desc.zero_();
+  const LayoutView layout = args.layout.view(k.size(2));
+  const Strides4 ks = strides_of(k);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_types(k.scalar_type(), "region_pool", [&](auto tag) {
+    using T = native_t<decltype(tag)>;
+    const bool vec = rows_vectorizable<T>(k.data_ptr(), D, {ks.batch, ks.head, ks.row});
+    const int chunk = vec ? 16 / sizeof(T) : 1;
+    const int lanes = lanes_per_row(D / chunk);
+    const dim3 grid(ceil_div(items, kWarpsPerBlock)), block(kWarpsPerBlock * 32);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(k.data_ptr()), ks, layout,
+                                         int(H), int(D), lanes,
+                                         reinterpret_cast<T*>(desc.data_ptr()), items);
+    };
+    vec ? launch(pool_kernel<T, true>) : launch(pool_kernel<T, false>);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return desc;
+}
+
+// grad_desc [B, Hkv, R, D] -> grad_keys [B, Hkv, N, D]
+at::Tensor region_pool_backward_cuda(const at::Tensor& grad_desc, const at::Tensor& region_ptr,
+                                     const at::Tensor& region_tokens, int64_t num_keys) {
+  const c10::cuda::CUDAGuard guard(grad_desc.device());
+  PoolBackwardArgs args = prepare_region_pool_backward(grad_desc, region_ptr, region_tokens,
+                                                       num_keys);
+  const at::Tensor& g = args.grad_desc;
+  const int64_t B = g.size(0), H = g.size(1), R = args.layout.num_regions, D = g.size(3);
+  at::Tensor grad_keys = at::zeros({B, H, num_keys, D}, g.options().dtype(at::kFloat));
+  const int64_t items = B * H * R;
+  if (items > 0 && D > 0) {
+    const LayoutView layout = args.layout.view(num_keys);
+    const Strides4 gs = strides_of(g);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_float_types(g.scalar_type(), "region_pool_backward", [&](auto tag) {
+      using T = native_t<decltype(tag)>;
+      const bool vec = rows_vectorizable<T>(g.data_ptr(), D, {gs.batch, gs.head, gs.row});
+      const int chunk = vec ? 16 / sizeof(T) : 1;
+      const int lanes = lanes_per_row(D / chunk);
+      const dim3 grid(ceil_div(items, kWarpsPerBlock)), block(kWarpsPerBlock * 32);
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(g.data_ptr()), gs, layout,
+                                           int(H), int(D), lanes, grad_keys.data_ptr<float>(),
+                                           items);
+      };
+      vec ? launch(pool_backward_kernel<T, true>) : launch(pool_backward_kernel<T, false>);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return grad_keys.to(g.scalar_type());
+}
+
+}  // namespace
+}  // namespace gaze::cuda
+
+TORCH_LIBRARY_IMPL(gaze, CUDA, m) {
+  m.impl("region_pool", &gaze::cuda::region_pool_cuda);
+  m.impl("region_pool_backward", &gaze::cuda::region_pool_backward_cuda);
+}
