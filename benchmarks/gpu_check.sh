@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a lent GPU machine (torch preinstalled, no internet):
+# builds the extension in place (CUDA kernels for sm_90), runs the whole test suite
+# (CUDA tests, opcheck and CUDA-graph capture included), a compute-sanitizer memcheck
+# of a small case, and the benchmarks (each step under a time limit, all within the
+# device tool's 10 minutes); writes report.md and logs to $OUT (the device
+# tool's folder) or to benchmarks/results/gpu-latest.
+#   GAZE_COMMIT=<hash> bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-latest}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 GAZE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+REPORT="$OUT/report.md"
+step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and time
+  local name=$1 limit=$2 log=$3; shift 3
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  echo "| $name | $([ $rc = 0 ] && echo ok || echo "FAILED (rc $rc)") | $((SECONDS - start)) s |" >> "$OUT/steps.md"
+  return $rc
+}
+: > "$OUT/steps.md"
+
+{
+  echo "# GPU check"
+  echo
+  echo "- commit: ${GAZE_COMMIT:-unknown}"
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+  echo "- $($PY -c 'import torch, sys; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| python", sys.version.split()[0])')"
+  echo "- nvcc: $(nvcc --version | tail -1)"
+} > "$REPORT"
+
+step build 180 "$OUT/build.log" $PY setup.py build_ext --inplace
+step tests 180 "$OUT/tests.log" $PY -m pytest python_tests -q -ra
+step memcheck 100 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
+  $PY -m benchmarks.sanitize_case
+step decode-benchmark 60 "$OUT/decode.log" $PY -m benchmarks.decode --device cuda --out "$OUT"
+step prefill-benchmark 60 "$OUT/prefill.log" $PY -m benchmarks.prefill --device cuda --out "$OUT"
+
+{
+  echo "- build: $($PY -c 'import gaze_ext; print(gaze_ext.build_info())' 2>&1 | tail -1)"
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+  cat "$OUT/steps.md"
+  echo
+  echo "## Tests"
+  echo '```'
+  tail -n 30 "$OUT/tests.log"
+  echo '```'
+  echo
+  echo "## compute-sanitizer memcheck"
+  echo '```'
+  tail -n 8 "$OUT/memcheck.log"
+  echo '```'
+  echo
+  for f in "$OUT/decode-cuda.md" "$OUT/prefill-cuda.md"; do
+    [ -f "$f" ] && cat "$f" && echo
+  done
+  for f in "$OUT/decode.log" "$OUT/prefill.log"; do
+    [ -f "$f" ] && grep -qiE "error|traceback" "$f" && { echo "## $(basename "$f")"; echo '```'; tail -n 30 "$f"; echo '```'; }
+  done
+} >> "$REPORT"
+rm -f "$OUT/steps.md" "$OUT/decode-cuda.md" "$OUT/prefill-cuda.md" "$OUT/decode.log" "$OUT/prefill.log"
+cat "$REPORT"

@@ -1,0 +1,150 @@
+"""Prefill / training benchmark: forward + backward of Lq text queries, each routed to
+its own top-k regions, against dense attention over the whole cache.
+
+    python -m benchmarks.prefill              # CPU (small) and CUDA when present
+
+The text queries sit after the visual tokens and attend causally (to the cache and
+to the text before them). Dense peer: F.scaled_dot_product_attention with a
+lower-right causal mask over the whole sequence, K/V expanded to the query heads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+import gaze_ext
+from gaze_ext import ops
+
+from .common import environment, markdown_table, time_variants
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclass
+class PrefillShape:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    frames: int
+    frame_h: int
+    frame_w: int
+    text: int  # the queries: text tokens after the visual cache
+    topk_fraction: float
+    dtype: str
+
+
+CPU_SHAPE = PrefillShape(1, 8, 2, 64, 8, 12, 12, 128, 0.10, "float32")
+GPU_SHAPE = PrefillShape(1, 32, 8, 128, 32, 32, 32, 2048, 0.10, "bfloat16")
+TARGET = {"cpu": None, "cuda": 3.0}
+
+
+def run_shape(shape: PrefillShape, device: str):
+    torch.manual_seed(0)
+    dtype = getattr(torch, shape.dtype)
+    B, Hq, Hkv, D, Lq = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim, shape.text
+    visual = shape.frames * shape.frame_h * shape.frame_w
+    N = visual + Lq
+    layout = gaze_ext.build_layout([(0, shape.frames, shape.frame_h, shape.frame_w)], N,
+                                   device=device)
+    K = max(1, round(shape.topk_fraction * layout.num_regions))
+    q_pos = (visual + torch.arange(Lq, device=device, dtype=torch.int32)).expand(B, Lq).contiguous()
+    q = torch.randn(B, Hq, Lq, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, N, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, N, D, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, Hq, Lq, D, device=device, dtype=dtype)
+    desc = ops.region_pool(k.detach(), layout.region_ptr, layout.region_tokens)
+    mask = causal_lower_right(Lq, N)
+    G = Hq // Hkv
+
+    def dense():
+        kx = k.repeat_interleave(G, 1) if G > 1 else k
+        vx = v.repeat_interleave(G, 1) if G > 1 else v
+        out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask)
+        out.backward(grad)
+
+    def gaze(share):
+        idx, _ = ops.region_topk(q.detach(), desc, layout.region_ptr, K, share, q_pos,
+                                 layout.region_pos)
+        out, _ = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                    layout.fixed_tokens, idx, q_pos)
+        out.backward(grad)
+
+    def forward_only(share):
+        with torch.no_grad():
+            idx, _ = ops.region_topk(q, desc, layout.region_ptr, K, share, q_pos, layout.region_pos)
+            ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                               layout.fixed_tokens, idx, q_pos)
+
+    def dense_forward():
+        with torch.no_grad():
+            kx = k.repeat_interleave(G, 1) if G > 1 else k
+            vx = v.repeat_interleave(G, 1) if G > 1 else v
+            F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask)
+
+    variants = {"sdpa_fwd_bwd": dense, "gaze_shared_fwd_bwd": lambda: gaze(True),
+                "gaze_per_head_fwd_bwd": lambda: gaze(False), "sdpa_fwd": dense_forward,
+                "gaze_shared_fwd": lambda: forward_only(True)}
+    times = time_variants(variants, device, rounds=5, min_time_s=0.2)
+    rows = [dict(variant=n, ms=t * 1e3, speedup=times["sdpa_fwd_bwd"] / t if "bwd" in n
+                 else times["sdpa_fwd"] / t) for n, t in times.items()]
+    ratio = times["sdpa_fwd_bwd"] / times["gaze_shared_fwd_bwd"]
+    target = TARGET[device]
+    verdict = "n/a" if target is None else ("PASS" if ratio >= target else "MISS")
+    return dict(device=device, shape=asdict(shape), keys=N, regions=layout.num_regions, topk=K,
+                rows=rows, ratio=ratio, target=target, verdict=verdict, env=environment(device))
+
+
+def report(result) -> str:
+    s = result["shape"]
+    return "\n".join([
+        f"# Prefill / training step on {result['device']}: Gaze Attention vs dense SDPA",
+        "",
+        f"B={s['batch']}, Hq={s['q_heads']}, Hkv={s['kv_heads']}, D={s['head_dim']}, {s['dtype']}; "
+        f"{s['text']} text queries after {s['frames']} frames of {s['frame_h']}x{s['frame_w']} "
+        f"tokens ({result['keys']} keys, {result['regions']} regions, top {result['topk']}), causal.",
+        "",
+        "Environment: " + ", ".join(f"{k}={v}" for k, v in result["env"].items()),
+        "",
+        markdown_table(result["rows"], ["variant", "ms", "speedup"]),
+        "",
+        f"- forward+backward, shared selection: {result['ratio']:.2f}x faster than dense"
+        + (f" (target {result['target']}x): **{result['verdict']}**" if result["target"] else
+           " (no target on this device)"),
+        "",
+    ])
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--out", default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not (torch.cuda.is_available() and gaze_ext.build_info()["cuda"]):
+        if args.device == "cuda":
+            print("no GPU or no CUDA kernels", file=sys.stderr)
+            return 1
+        devices.remove("cuda")
+    os.makedirs(args.out, exist_ok=True)
+    for device in devices:
+        result = run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device)
+        text = report(result)
+        print(text)
+        with open(os.path.join(args.out, f"prefill-{device}.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, f"prefill-{device}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

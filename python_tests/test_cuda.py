@@ -1,0 +1,177 @@
+"""CUDA-only properties: graph capture of a decode step, index checking under
+GAZE_CHECK_INDICES, the deterministic backward, head dims, the kernels' scratch
+paths and split-K merging at sizes the generic tests do not reach. The generic
+op tests run on CUDA too (their `device` parameter)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gaze_ext
+from gaze_ext import ops, reference
+from helpers import (atol_for, cuda_ready, error_bound_check, generator, high_precision,
+                     random_batch_layout, random_selection)
+
+pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
+
+
+def decode_inputs(seed, B=2, Hq=8, Hkv=2, D=128, frames=4, hw=(12, 12), text=64,
+                  dtype=torch.bfloat16):
+    gen = generator(seed)
+    N = frames * hw[0] * hw[1] + text
+    layout = gaze_ext.build_layout([(0, frames, *hw)], N).to("cuda")
+    t = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype)  # noqa: E731
+    return layout, t(B, Hq, 1, D), t(B, Hkv, N, D), t(B, Hkv, N, D)
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_decode_step_in_a_cuda_graph(share_kv):
+    layout, q, k, v = decode_inputs(0)
+    desc = ops.region_pool(k, layout.region_ptr, layout.region_tokens)
+    K = max(1, layout.num_regions // 10)
+    q_static = q.clone()
+
+    def step():
+        idx, _ = ops.region_topk(q_static, desc, layout.region_ptr, K, share_kv)
+        return ops.gaze_attention(q_static, k, v, layout.region_ptr, layout.region_tokens,
+                                  layout.fixed_tokens, idx)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = step()
+    for trial in range(3):
+        q_static.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.testing.assert_close(out_static, step(), atol=0, rtol=0)
+
+
+def test_index_contents_checked_only_when_asked():
+    code = """
+import torch, gaze_ext
+from gaze_ext import ops
+layout = gaze_ext.build_layout([(0, 1, 6, 6)], 40).to('cuda')
+q = torch.randn(1, 2, 1, 16, device='cuda')
+k = torch.randn(1, 1, 40, 16, device='cuda'); v = torch.randn_like(k)
+idx = torch.tensor([[[[0, 7]]]], dtype=torch.int32, device='cuda')  # region 7 does not exist
+try:
+    out, lse = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                  layout.fixed_tokens, idx)
+    torch.cuda.synchronize()
+    print('ran', bool(torch.isfinite(out).all()))
+except RuntimeError as e:
+    print('raised', 'idx' in str(e))
+"""
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True,  # noqa: E731
+                                     text=True, env=dict(os.environ, **env)).stdout.strip()
+    assert run({"GAZE_CHECK_INDICES": "1"}) == "raised True"
+    assert run({"GAZE_CHECK_INDICES": "0"}) == "ran True"
+
+
+def test_skipped_invalid_entries_match_their_removal():
+    """Unchecked on CUDA, out-of-range slots and positions are skipped."""
+    layout, q, k, v = decode_inputs(1, dtype=torch.float32)
+    R, N = layout.num_regions, layout.num_keys
+    idx = torch.tensor([0, R + 3, 2, -7, 5], dtype=torch.int32, device="cuda")
+    idx = idx.expand(2, 2, 1, 5).contiguous()
+    fixed = torch.cat([layout.fixed_tokens, torch.tensor([N + 9, -5], dtype=torch.int32,
+                                                         device="cuda")])
+    out, lse = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens, fixed, idx)
+    clean = torch.tensor([0, 2, 5], dtype=torch.int32, device="cuda").expand(2, 2, 1, 3).contiguous()
+    want, want_lse = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                        layout.fixed_tokens, clean)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_deterministic_backward_repeats_bitwise(share_kv):
+    layout, q, k, v = decode_inputs(2, dtype=torch.float32)
+    q = q.expand(-1, -1, 5, -1).contiguous()
+    Hs = 2 if share_kv else 8
+    idx = random_selection(generator(3), (2, Hs, 5, 6), layout.num_regions, repeats=False).cuda()
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, _ = ops.gaze_attention(*leaves, layout.region_ptr, layout.region_tokens,
+                                    layout.fixed_tokens, idx)
+        out.square().sum().backward()
+        return [t.grad for t in leaves]
+
+    fast = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, c in zip(first, second, fast):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_head_dims(dtype, head_dim):
+    gen = generator(head_dim)
+    B, Hq, Hkv, Lq, N = 2, 8, 2, 3, 300
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    idx = random_selection(gen, (B, Hkv, Lq, 8), layout.num_regions)
+    q_pos = torch.randint(N // 2, N, (B, Lq), generator=gen, dtype=torch.int32)
+    leaves = [torch.randn(s, generator=gen).to("cuda", dtype).requires_grad_()
+              for s in ((B, Hq, Lq, head_dim), (B, Hkv, N, head_dim), (B, Hkv, N, head_dim))]
+    dev = layout.to("cuda")
+    out, _ = ops.gaze_attention(*leaves, dev.region_ptr, dev.region_tokens, dev.fixed_tokens,
+                                idx.cuda(), q_pos.cuda())
+    grad = torch.randn(out.shape, generator=gen)
+    (out.float() * grad.cuda()).sum().backward()
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos)
+    hp = high_precision(dtype)
+    ref = [t.detach().cpu().to(hp).requires_grad_() for t in leaves]
+    same = [t.detach().cpu().requires_grad_() for t in leaves]
+    ref_out, _ = reference.gaze_attention(*ref, *args)
+    same_out, _ = reference.gaze_attention(*same, *args, compute_dtype=dtype)
+    error_bound_check("out", out.detach().cpu(), ref_out.detach(), same_out.detach(), 2.0,
+                      atol_for(dtype))
+    (ref_out * grad.to(hp)).sum().backward()
+    (same_out.float() * grad).sum().backward()
+    for name, got, r, s in zip("qkv", leaves, ref, same):
+        error_bound_check(f"d{name}", got.grad.cpu(), r.grad, s.grad, 3.0, atol_for(dtype))
+
+
+def test_topk_scratch_paths_match_cpu():
+    """Keys and sort buffer past shared memory go to global scratch."""
+    gen = generator(4)
+    R, D = 30000, 8
+    ptr = torch.arange(R + 1, dtype=torch.int32)
+    q = torch.randint(-3, 4, (1, 2, 2, D), generator=gen).float()
+    desc = torch.randint(-3, 4, (1, 2, R, D), generator=gen).float()
+    for k in (300, 16000):
+        got = ops.region_topk(q.cuda(), desc.cuda(), ptr.cuda(), k, False)
+        want = ops.region_topk(q, desc, ptr, k, False)
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_many_splits_and_slots_match_cpu(share_kv):
+    """B = 1, one KV head, more slots than one split holds: the split-K merge."""
+    gen = generator(5)
+    N, D = 6000, 64
+    layout = gaze_ext.build_layout([(0, 40, 12, 12)], N, region_shape=(1, 2, 3))
+    q = torch.randn(1, 4, 1, D, generator=gen)
+    k = torch.randn(1, 1, N, D, generator=gen)
+    v = torch.randn(1, 1, N, D, generator=gen)
+    desc = ops.region_pool(k, layout.region_ptr, layout.region_tokens)
+    idx, _ = ops.region_topk(q, desc, layout.region_ptr, 700, share_kv)
+    want = ops.gaze_attention(q, k, v, *layout[:2], layout.fixed_tokens, idx)
+    dev = layout.to("cuda")
+    got = ops.gaze_attention(q.cuda(), k.cuda(), v.cuda(), dev.region_ptr, dev.region_tokens,
+                             dev.fixed_tokens, idx.cuda())
+    torch.testing.assert_close(got[0].cpu(), want[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got[1].cpu(), want[1], atol=2e-5, rtol=2e-5)
