@@ -33,12 +33,19 @@ DEFAULT_REGION_SHAPE: RegionShape = (1, 6, 6)
 
 class Visual(NamedTuple):
     """An image (t = 1) or video clip of t frames: h x w tokens per frame, in raster order
-    from ``offset`` in the token sequence."""
+    from ``offset`` in the token sequence. Frame f starts at ``offset + f * frame_stride``
+    (default h * w: frames back to back; larger when other tokens, such as context
+    tokens, follow each frame)."""
 
     offset: int
     t: int
     h: int
     w: int
+    frame_stride: Optional[int] = None
+
+    @property
+    def stride(self) -> int:
+        return self.h * self.w if self.frame_stride is None else self.frame_stride
 
     @property
     def num_tokens(self) -> int:
@@ -46,7 +53,13 @@ class Visual(NamedTuple):
 
     @property
     def end(self) -> int:
-        return self.offset + self.num_tokens
+        """One past the last token."""
+        return self.offset + (self.t - 1) * self.stride + self.h * self.w
+
+    def positions(self) -> Tensor:
+        """[t, h, w] int64 positions of the tokens."""
+        frame = torch.arange(self.h * self.w).view(self.h, self.w)
+        return self.offset + torch.arange(self.t)[:, None, None] * self.stride + frame
 
 
 class GazeLayout(NamedTuple):
@@ -74,6 +87,8 @@ def _as_visual(v) -> Visual:
     v = Visual(*v)
     if min(v.t, v.h, v.w) < 1 or v.offset < 0:
         raise ValueError(f"visual {tuple(v)}: offset must be >= 0 and t, h, w >= 1")
+    if v.stride < v.h * v.w:
+        raise ValueError(f"visual {tuple(v)}: frame_stride must be >= h * w")
     return v
 
 
@@ -83,7 +98,7 @@ def _visual_regions(v: Visual, region_shape: RegionShape) -> Tensor:
     rt, rh, rw = region_shape
     nt, nh, nw = math.ceil(v.t / rt), math.ceil(v.h / rh), math.ceil(v.w / rw)
     grid = torch.full((nt * rt, nh * rh, nw * rw), -1, dtype=torch.int64)
-    grid[: v.t, : v.h, : v.w] = v.offset + torch.arange(v.num_tokens).view(v.t, v.h, v.w)
+    grid[: v.t, : v.h, : v.w] = v.positions()
     blocks = grid.view(nt, rt, nh, rh, nw, rw).permute(0, 2, 4, 1, 3, 5)
     return blocks.reshape(nt * nh * nw, rt * rh * rw)
 
@@ -95,7 +110,8 @@ def build_layout(visuals: Sequence, seq_len: int,
     """Layout of one sample.
 
     Args:
-        visuals: ``(offset, t, h, w)`` per image or clip, non-overlapping, inside the sequence.
+        visuals: ``(offset, t, h, w[, frame_stride])`` per image or clip, non-overlapping,
+            inside the sequence.
         seq_len: number of tokens (the key axis ``N``).
         region_shape: ``(r_t, r_h, r_w)`` tokens per region.
         fixed_tokens: always-visible positions; default: every position in no visual
@@ -109,9 +125,10 @@ def build_layout(visuals: Sequence, seq_len: int,
     for v in visuals:
         if v.end > seq_len:
             raise ValueError(f"visual {tuple(v)} ends at {v.end}, past seq_len = {seq_len}")
-        if in_visual[v.offset: v.end].any():
+        tokens = v.positions().flatten()
+        if in_visual[tokens].any():
             raise ValueError(f"visual {tuple(v)} overlaps another visual")
-        in_visual[v.offset: v.end] = True
+        in_visual[tokens] = True
 
     blocks = [_visual_regions(v, region_shape) for v in visuals]
     blocks = torch.cat(blocks) if blocks else torch.zeros(0, rt * rh * rw, dtype=torch.int64)

@@ -102,3 +102,17 @@ def test_validator_checks_batch_consistency():
     with pytest.raises(ValueError, match="1-D, or 2-D"):
         validate_layout(layout._replace(fixed_tokens=layout.fixed_tokens[0]))
     assert isinstance(layout, GazeLayout)
+
+
+def test_frames_with_a_stride_leave_room_for_context_tokens():
+    # 3 frames of 2x3 tokens, each followed by 2 context tokens; regions span 2 frames
+    layout = build_layout([Visual(1, 3, 2, 3, frame_stride=8)], 26, region_shape=(2, 2, 2))
+    regions = regions_of(layout)
+    frame = lambda f: [1 + 8 * f + y * 3 + x for y in range(2) for x in range(3)]  # noqa: E731
+    assert regions[0] == sorted(frame(0)[0:2] + frame(0)[3:5] + frame(1)[0:2] + frame(1)[3:5])
+    assert sorted(p for r in regions for p in r) == sorted(frame(0) + frame(1) + frame(2))
+    context = [7, 8, 15, 16, 23, 24]
+    assert set(context) <= set(layout.fixed_tokens.tolist())
+    validate_layout(layout)
+    with pytest.raises(ValueError, match="frame_stride"):
+        build_layout([Visual(0, 2, 2, 3, frame_stride=4)], 20)

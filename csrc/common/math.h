@@ -16,6 +16,12 @@
 namespace gaze {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// log2(e) in the working precision (float64 kernels must not see a float-rounded one).
+template <typename T>
+GAZE_HD constexpr T log2e() {
+  return T(1.4426950408889634);
+}
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 GAZE_HD uint32_t float_bits(float x) {

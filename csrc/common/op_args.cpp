@@ -150,7 +150,7 @@ AttentionArgs prepare_gaze_attention(const char* op, const at::Tensor& q, const 
   args.v = with_unit_last_stride(v);
   args.idx = idx.contiguous();
   args.num_keys = k.size(2);
-  args.scale = static_cast<float>(scale);
+  args.scale = scale;
   args.shape.batch = static_cast<int32_t>(q.size(0));
   args.shape.q_heads = static_cast<int32_t>(q.size(1));
   args.shape.kv_heads = static_cast<int32_t>(k.size(1));

@@ -55,7 +55,7 @@ struct AttentionArgs {
   LayoutTensors layout;
   AttentionShape shape;
   int64_t num_keys;
-  float scale;
+  double scale;  // float64 kernels use it as is, others round it
 };
 
 AttentionArgs prepare_gaze_attention(const char* op, const at::Tensor& q, const at::Tensor& k,

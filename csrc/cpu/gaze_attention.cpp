@@ -86,7 +86,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
   scalar_t* out_data = out.data_ptr<scalar_t>();
   acc* lse_data = lse.data_ptr<acc>();
-  const acc q_scale = static_cast<acc>(a.scale) * static_cast<acc>(kLog2e);
+  const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -162,8 +162,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   scalar_t* dq_data = dq.data_ptr<scalar_t>();
   acc* dk_data = dk_acc.data_ptr<acc>();
   acc* dv_data = dv_acc.data_ptr<acc>();
-  const acc log2e = static_cast<acc>(kLog2e);
-  const acc q_scale = static_cast<acc>(a.scale) * log2e;
+  const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
 
   // One task per (batch, KV head): it alone writes that head's dk/dv rows.
   at::parallel_for(0, int64_t(S.batch) * S.kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -193,7 +192,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           acc dot = 0;
           for (int32_t d = 0; d < D; ++d) dot += grad[g * D + d] * row[d];
           delta[g] = dot - (dlse ? dlse[lrow] : acc(0));
-          lse2[g] = lse[lrow] * log2e;
+          lse2[g] = lse[lrow] * log2e<acc>();
         }
         std::fill(dq_accum.begin(), dq_accum.end(), acc(0));
 

@@ -267,7 +267,7 @@ void fill_common(const AttentionArgs& a, AttnParams& p) {
   p.idx = a.idx.data_ptr<int32_t>();
   p.q_pos = a.q_pos.defined() ? a.q_pos.data_ptr<int32_t>() : nullptr;
   p.shape = a.shape;
-  p.score_scale = a.scale * kLog2e;
+  p.score_scale = static_cast<float>(a.scale) * kLog2e;
 }
 
 namespace {

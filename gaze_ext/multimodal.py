@@ -1,0 +1,147 @@
+"""Multimodal sequences: text, images and video frames, with learnable context tokens
+after each image or frame, and the attention structure of a Gaze Attention model.
+
+- visual tokens attend densely and causally (to everything before them);
+- the context tokens of an image or frame attend to that image or frame and to the
+  context tokens before them in its group;
+- text tokens are *routed*: they see every text and context token before them
+  (the fixed tokens) plus the tokens of their top-K regions that end before them.
+
+:class:`ContextTokens` builds the embedded sequence of a batch and its
+:class:`MultimodalLayout`; :class:`GazeAttentionBlock` consumes both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layout import DEFAULT_REGION_SHAPE, GazeLayout, Visual, build_layout, stack_layouts
+
+PAD, TEXT, VISUAL, CONTEXT = 0, 1, 2, 3
+
+
+@dataclass
+class MultimodalLayout:
+    """Token kinds and groups of a (padded) batch, with the derived attention structure.
+
+    kinds [B, L]: PAD / TEXT / VISUAL / CONTEXT. groups [B, L]: the image/frame a visual or
+    context token belongs to (-1 for text and padding). lengths [B]: tokens per sample.
+    gaze: the region layout (regions over visual tokens; fixed tokens = text + context).
+    text_rows [B, Lt]: positions of each sample's text tokens, padded with L;
+    dense_mask [B, 1, L, L]: what visual and context queries see (text rows: causal).
+    """
+
+    kinds: Tensor
+    groups: Tensor
+    lengths: Tensor
+    gaze: GazeLayout
+    visuals: List[List[Visual]]
+    text_rows: Tensor
+    dense_mask: Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return self.kinds.shape[1]
+
+    def to(self, device) -> "MultimodalLayout":
+        return MultimodalLayout(self.kinds.to(device), self.groups.to(device),
+                                self.lengths.to(device), self.gaze.to(device), self.visuals,
+                                self.text_rows.to(device), self.dense_mask.to(device))
+
+
+def sample_plan(parts: Sequence[Tuple], num_context: int):
+    """Token kinds, groups and visuals of one sample from parts ("text", n) or
+    ("visual", t, h, w): each frame of a visual is followed by num_context context tokens."""
+    kinds: List[int] = []
+    groups: List[int] = []
+    visuals: List[Visual] = []
+    group = 0
+    for part in parts:
+        if part[0] == "text":
+            kinds += [TEXT] * part[1]
+            groups += [-1] * part[1]
+        elif part[0] == "visual":
+            t, h, w = part[1:]
+            visuals.append(Visual(len(kinds), t, h, w, frame_stride=h * w + num_context))
+            for _ in range(t):
+                kinds += [VISUAL] * (h * w) + [CONTEXT] * num_context
+                groups += [group] * (h * w + num_context)
+                group += 1
+        else:
+            raise ValueError(f"unknown part {part!r}: use ('text', n) or ('visual', t, h, w)")
+    return kinds, groups, visuals
+
+
+def build_multimodal_layout(plans: Sequence[Sequence[Tuple]], num_context: int = 4,
+                            region_shape=DEFAULT_REGION_SHAPE,
+                            device: Optional[Union[str, torch.device]] = None) -> MultimodalLayout:
+    """Layout of a batch; each plan is a list of ("text", n) / ("visual", t, h, w) parts."""
+    samples = [sample_plan(p, num_context) for p in plans]
+    B, L = len(samples), max((len(k) for k, _, _ in samples), default=0)
+    kinds = torch.zeros(B, L, dtype=torch.long)
+    groups = torch.full((B, L), -1, dtype=torch.long)
+    lengths = torch.tensor([len(k) for k, _, _ in samples], dtype=torch.long)
+    for b, (k, g, _) in enumerate(samples):
+        kinds[b, : len(k)] = torch.tensor(k, dtype=torch.long)
+        groups[b, : len(g)] = torch.tensor(g, dtype=torch.long)
+    gaze = stack_layouts([build_layout(v, len(k), region_shape) for k, _, v in samples])
+    gaze = gaze._replace(num_keys=L)
+
+    text_counts = (kinds == TEXT).sum(1)
+    Lt = int(text_counts.max()) if B else 0
+    text_rows = torch.full((B, Lt), L, dtype=torch.long)
+    for b in range(B):
+        rows = torch.nonzero(kinds[b] == TEXT).flatten()
+        text_rows[b, : rows.numel()] = rows
+
+    pos = torch.arange(L)
+    causal = pos[None, :, None] >= pos[None, None, :]                       # [1, L, L]
+    valid_key = pos[None, None, :] < lengths[:, None, None]                 # [B, 1, L]
+    query_kind = kinds[:, :, None]
+    same_group = (groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0)
+    context_row = (query_kind == CONTEXT) & same_group
+    other_row = (query_kind == VISUAL) | (query_kind == TEXT)
+    mask = causal & valid_key & (context_row | other_row)
+    mask = mask | (pos[None, :, None] == pos[None, None, :])               # padding rows see themselves
+    layout = MultimodalLayout(kinds, groups, lengths, gaze, [v for _, _, v in samples], text_rows,
+                              mask[:, None])
+    return layout.to(device) if device is not None else layout
+
+
+class ContextTokens(nn.Module):
+    """Learnable context tokens (default 4) inserted after every image and video frame."""
+
+    def __init__(self, d_model: int, num_tokens: int = 4):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.tokens = nn.Parameter(torch.randn(num_tokens, d_model) * 0.02)
+
+    def forward(self, samples: Sequence[Sequence[Tensor]], region_shape=DEFAULT_REGION_SHAPE
+                ) -> Tuple[Tensor, MultimodalLayout]:
+        """Embeds a batch. Each sample is a list of parts: text embeddings [n, d] or visual
+        embeddings [h, w, d] (an image) / [t, h, w, d] (video frames). Returns the padded
+        sequence [B, L, d] (context tokens inserted) and its layout."""
+        plans, sequences = [], []
+        for parts in samples:
+            plan, pieces = [], []
+            for part in parts:
+                if part.dim() == 2:
+                    plan.append(("text", part.shape[0]))
+                    pieces.append(part)
+                elif part.dim() in (3, 4):
+                    frames = part if part.dim() == 4 else part[None]
+                    t, h, w, d = frames.shape
+                    plan.append(("visual", t, h, w))
+                    context = self.tokens.to(frames.dtype).expand(t, -1, -1)
+                    pieces.append(torch.cat([frames.reshape(t, h * w, d), context], 1).reshape(-1, d))
+                else:
+                    raise ValueError(f"a part must be [n, d], [h, w, d] or [t, h, w, d], got {tuple(part.shape)}")
+            plans.append(plan)
+            sequences.append(torch.cat(pieces) if pieces else self.tokens.new_zeros(0, self.tokens.shape[1]))
+        layout = build_multimodal_layout(plans, self.num_tokens, region_shape,
+                                         device=self.tokens.device)
+        x = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+        return x, layout
