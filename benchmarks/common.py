@@ -5,13 +5,15 @@ rounds (so drift in clocks or neighbours hits all of them alike) and the median
 of all samples is kept. On CUDA, CUDA events time the device work."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -132,3 +134,35 @@ def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def benchmark_main(name: str, description: str, run_device: Callable[[str], Dict[str, object]],
+                   report: Callable[[Dict[str, object]], str], default_out: str,
+                   argv: Optional[List[str]] = None) -> int:
+    """The command line shared by the benchmarks: runs on the CPU and on CUDA when present
+    (--device), writes <name>-<device>.md/.json to --out, and with --check exits 1 when
+    a result's "verdicts" hold a MISS."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--out", default=default_out, help="folder for the result files")
+    args = parser.parse_args(argv)
+    import gaze_ext
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not (torch.cuda.is_available() and gaze_ext.build_info()["cuda"]):
+        if args.device == "cuda":
+            print("no GPU or no CUDA kernels: nothing to run on cuda", file=sys.stderr)
+            return 1
+        devices.remove("cuda")
+    os.makedirs(args.out, exist_ok=True)
+    missed = False
+    for device in devices:
+        result = run_device(device)
+        text = report(result)
+        print(text)
+        with open(os.path.join(args.out, f"{name}-{device}.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, f"{name}-{device}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        missed |= "MISS" in result.get("verdicts", {}).values()
+    return 1 if (args.check and missed) else 0

@@ -11,8 +11,6 @@ Results go to benchmarks/results/decode-<device>.md and .json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 import gaze_ext
 from gaze_ext import ops
 
-from .common import environment, markdown_table, memory_bandwidth, time_variants
+from .common import benchmark_main, environment, markdown_table, memory_bandwidth, time_variants
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -102,7 +100,7 @@ def row_counts(layout, idx, share: bool, G: int) -> Dict[str, float]:
     return {"read": read, "distinct": distinct}
 
 
-def run_shape(shape: DecodeShape, device: str, check: bool) -> Dict[str, object]:
+def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
     torch.manual_seed(0)
     dtype = shape.torch_dtype
     B, Hq, Hkv, D = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
@@ -206,29 +204,10 @@ def report(result: Dict[str, object]) -> str:
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--out", default=RESULTS_DIR, help="folder for the result files")
-    args = parser.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not (torch.cuda.is_available() and gaze_ext.build_info()["cuda"]):
-        if args.device == "cuda":
-            print("no GPU or no CUDA kernels: nothing to run on cuda", file=sys.stderr)
-            return 1
-        devices.remove("cuda")
-    missed = False
-    os.makedirs(args.out, exist_ok=True)
-    for device in devices:
-        result = run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device, args.check)
-        text = report(result)
-        print(text)
-        with open(os.path.join(args.out, f"decode-{device}.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out, f"decode-{device}.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        missed |= "MISS" in result["verdicts"].values()
-    return 1 if (args.check and missed) else 0
+    return benchmark_main(
+        "decode", __doc__.split("\n")[0],
+        lambda device: run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device),
+        report, RESULTS_DIR, argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ lower-right causal mask over the whole sequence, K/V expanded to the query heads
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -23,7 +21,7 @@ from torch.nn.attention.bias import causal_lower_right
 import gaze_ext
 from gaze_ext import ops
 
-from .common import environment, markdown_table, time_variants
+from .common import benchmark_main, environment, markdown_table, time_variants
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -100,7 +98,8 @@ def run_shape(shape: PrefillShape, device: str):
     target = TARGET[device]
     verdict = "n/a" if target is None else ("PASS" if ratio >= target else "MISS")
     return dict(device=device, shape=asdict(shape), keys=N, regions=layout.num_regions, topk=K,
-                rows=rows, ratio=ratio, target=target, verdict=verdict, env=environment(device))
+                rows=rows, ratio=ratio, target=target, verdicts={"fwd_bwd": verdict},
+                env=environment(device))
 
 
 def report(result) -> str:
@@ -117,33 +116,17 @@ def report(result) -> str:
         markdown_table(result["rows"], ["variant", "ms", "speedup"]),
         "",
         f"- forward+backward, shared selection: {result['ratio']:.2f}x faster than dense"
-        + (f" (target {result['target']}x): **{result['verdict']}**" if result["target"] else
+        + (f" (target {result['target']}x): **{result['verdicts']['fwd_bwd']}**" if result["target"] else
            " (no target on this device)"),
         "",
     ])
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--out", default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not (torch.cuda.is_available() and gaze_ext.build_info()["cuda"]):
-        if args.device == "cuda":
-            print("no GPU or no CUDA kernels", file=sys.stderr)
-            return 1
-        devices.remove("cuda")
-    os.makedirs(args.out, exist_ok=True)
-    for device in devices:
-        result = run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device)
-        text = report(result)
-        print(text)
-        with open(os.path.join(args.out, f"prefill-{device}.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out, f"prefill-{device}.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return benchmark_main(
+        "prefill", __doc__.split("\n")[0],
+        lambda device: run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device),
+        report, RESULTS_DIR, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 context tokens, a visual projection, and generate() with the Gaze KV cache."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

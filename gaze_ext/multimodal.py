@@ -12,6 +12,7 @@ after each image or frame, and the attention structure of a Gaze Attention model
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -78,7 +79,16 @@ def sample_plan(parts: Sequence[Tuple], num_context: int):
 def build_multimodal_layout(plans: Sequence[Sequence[Tuple]], num_context: int = 4,
                             region_shape=DEFAULT_REGION_SHAPE,
                             device: Optional[Union[str, torch.device]] = None) -> MultimodalLayout:
-    """Layout of a batch; each plan is a list of ("text", n) / ("visual", t, h, w) parts."""
+    """Layout of a batch; each plan is a list of ("text", n) / ("visual", t, h, w) parts.
+    Layouts are cached by their plans: a training loop over same-shaped batches builds
+    one once (treat the returned tensors as read-only)."""
+    key = tuple(tuple(tuple(part) for part in plan) for plan in plans)
+    return _build_layout_cached(key, num_context, tuple(region_shape),
+                                None if device is None else str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _build_layout_cached(plans, num_context, region_shape, device) -> MultimodalLayout:
     samples = [sample_plan(p, num_context) for p in plans]
     B, L = len(samples), max((len(k) for k, _, _ in samples), default=0)
     kinds = torch.zeros(B, L, dtype=torch.long)

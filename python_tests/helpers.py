@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import gaze_ext
-from gaze_ext import reference
 from gaze_ext.layout import GazeLayout, stack_layouts
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gaze_ext
-from gaze_ext.block import GazeAttentionBlock, GazeKVCache
+from gaze_ext.block import GazeKVCache
 from gaze_ext.model import GazeLM
 from gaze_ext.multimodal import CONTEXT, TEXT, VISUAL, ContextTokens, build_multimodal_layout
 from gaze_ext.schedule import TopKSchedule

@@ -15,6 +15,30 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
+// The (batch, head, region) item of a warp, and how its lanes split a row: groups of
+// `lanes` lanes take different tokens, the lanes of a group different chunks.
+struct RegionWarp {
+  int64_t item, b;
+  int h, r, sub, group, groups;
+  RegionSpan span;
+  const int32_t* tokens;
+  float mean;
+
+  __device__ RegionWarp(const LayoutView& layout, int H, int lanes, int64_t warp_item)
+      : item(warp_item) {
+    const int R = layout.num_regions, lane = threadIdx.x % 32;
+    b = item / (int64_t(H) * R);
+    h = int((item / R) % H);
+    r = int(item % R);
+    sub = lane % lanes;
+    group = lane / lanes;
+    groups = 32 / lanes;
+    span = layout.region(b, r);
+    tokens = layout.tokens(b);
+    mean = region_mean_scale<float>(span.size());
+  }
+};
+
 // One warp per (b, h, r): the float32 mean of the region's keys.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -23,23 +47,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   using Chunk = RowChunk<T, kVec>;
   constexpr int C = Chunk::kChunk;
   const int64_t item = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (item >= items) return;
-  const int lane = threadIdx.x % 32, sub = lane % lanes, group = lane / lanes;
-  const int groups = 32 / lanes, chunks = D / C, R = layout.num_regions;
-  const int64_t b = item / (int64_t(H) * R);
-  const int h = int((item / R) % H), r = int(item % R);
-  const RegionSpan span = layout.region(b, r);
-  const int32_t* tokens = layout.tokens(b);
-  const float mean = region_mean_scale<float>(span.size());
-
+  if (item >= items) return;  // before RegionWarp reads the layout
+  const RegionWarp w(layout, H, lanes, item);
+  const int chunks = D / C;
   for (int c0 = 0; c0 < chunks; c0 += lanes) {
-    const int c = c0 + sub;
+    const int c = c0 + w.sub;
     float acc[C] = {};
-    for (int t = span.begin + group; t < span.end; t += groups) {
-      const int32_t pos = tokens[t];
+    for (int t = w.span.begin + w.group; t < w.span.end; t += w.groups) {
+      const int32_t pos = w.tokens[t];
       if (c >= chunks || !layout.visible(pos, kNoCausalLimit)) continue;
       Chunk x;
-      x.load(keys + ks.offset(b, h, pos) + int64_t(c) * C);
+      x.load(keys + ks.offset(w.b, w.h, pos) + int64_t(c) * C);
 #pragma unroll
       for (int i = 0; i < C; ++i) acc[i] += x.v[i];
     }
@@ -47,11 +65,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
       for (int i = 0; i < C; ++i) acc[i] += __shfl_xor_sync(0xFFFFFFFFu, acc[i], offset);
     }
-    if (group == 0 && c < chunks) {
+    if (w.group == 0 && c < chunks) {
       Chunk out;
 #pragma unroll
       for (int i = 0; i < C; ++i) out.v[i] = acc[i];
-      out.store(desc + item * D + int64_t(c) * C, mean);
+      out.store(desc + w.item * D + int64_t(c) * C, w.mean);
     }
   }
 }
@@ -65,25 +83,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   using Chunk = RowChunk<T, kVec>;
   constexpr int C = Chunk::kChunk;
   const int64_t item = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (item >= items) return;
-  const int lane = threadIdx.x % 32, sub = lane % lanes, group = lane / lanes;
-  const int groups = 32 / lanes, chunks = D / C, R = layout.num_regions;
-  const int64_t b = item / (int64_t(H) * R);
-  const int h = int((item / R) % H), r = int(item % R);
-  const RegionSpan span = layout.region(b, r);
-  const int32_t* tokens = layout.tokens(b);
-  const float mean = region_mean_scale<float>(span.size());
-  float* head = grad_keys + (b * H + h) * int64_t(layout.num_keys) * D;
-
-  for (int c = sub; c < chunks; c += lanes) {
+  if (item >= items) return;  // before RegionWarp reads the layout
+  const RegionWarp w(layout, H, lanes, item);
+  const int chunks = D / C;
+  float* head = grad_keys + (w.b * H + w.h) * int64_t(layout.num_keys) * D;
+  for (int c = w.sub; c < chunks; c += lanes) {
     Chunk g;
-    g.load(grad_desc + gs.offset(b, h, r) + int64_t(c) * C);
-    for (int t = span.begin + group; t < span.end; t += groups) {
-      const int32_t pos = tokens[t];
+    g.load(grad_desc + gs.offset(w.b, w.h, w.r) + int64_t(c) * C);
+    for (int t = w.span.begin + w.group; t < w.span.end; t += w.groups) {
+      const int32_t pos = w.tokens[t];
       if (!layout.visible(pos, kNoCausalLimit)) continue;
       float* dst = head + int64_t(pos) * D + int64_t(c) * C;
 #pragma unroll
-      for (int i = 0; i < C; ++i) atomicAdd(dst + i, g.v[i] * mean);
+      for (int i = 0; i < C; ++i) atomicAdd(dst + i, g.v[i] * w.mean);
     }
   }
 }
