@@ -104,8 +104,6 @@ struct AttentionShape {
   int32_t sel_heads;  // Hs: Hq (per query head) or Hkv (shared per KV head)
   int32_t topk;       // slots per query in idx
   GAZE_HD int32_t group() const { return q_heads / kv_heads; }
-  // The head of idx used by query head h.
-  GAZE_HD int32_t sel_head(int32_t h) const { return sel_heads == q_heads ? h : h / group(); }
 };
 
 }  // namespace gaze

@@ -243,9 +243,9 @@ int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits) {
   const int NH = num_heads_per_unit_template(std::min(heads, 8));
   p.head_chunks = per_query_head ? 1 : int(ceil_div(G, NH));
   p.units = int64_t(S.batch) * S.sel_heads * p.head_chunks * S.q_len;
-  // Enough blocks to fill the GPU a few times over, but no split with fewer
-  // than ~64 fixed tokens and slots' worth of work, and at most kMaxSlots slots each.
-  const int64_t target_blocks = 4 * int64_t(multiprocessor_count());
+  // Enough blocks for ~8 per multiprocessor (their loads hide each other's latency),
+  // but no split with less than ~64 keys' worth of work, and at most kMaxSlots slots each.
+  const int64_t target_blocks = 8 * int64_t(multiprocessor_count());
   const int64_t num_fixed = a.layout.fixed_tokens.size(-1);
   const int64_t work = std::max<int64_t>(1, (num_fixed + int64_t(S.topk) * 8) / 64);
   int64_t splits = std::min<int64_t>({ceil_div(target_blocks, std::max<int64_t>(p.units, 1)), work,
