@@ -100,6 +100,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// One warp per (b, h, r) item over the rows of `rows` [B, H, *, D], which decide
+// whether 16-byte loads apply; launch(kernel_variant_is_vectorized, lanes, grid, block).
+template <typename T, typename Launch>
+void launch_region_warps(const at::Tensor& rows, int64_t items, Launch&& launch) {
+  const Strides4 s = strides_of(rows);
+  const int64_t D = rows.size(3);
+  const bool vec = rows_vectorizable<T>(rows.data_ptr(), D, {s.batch, s.head, s.row});
+  const int lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
+  launch(vec, lanes, dim3(ceil_div(items, kWarpsPerBlock)), dim3(kWarpsPerBlock * 32));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // keys [B, Hkv, N, D] -> desc [B, Hkv, R, D]
 at::Tensor region_pool_cuda(const at::Tensor& keys, const at::Tensor& region_ptr,
                             const at::Tensor& region_tokens) {
@@ -111,21 +123,15 @@ at::Tensor region_pool_cuda(const at::Tensor& keys, const at::Tensor& region_ptr
   const int64_t items = B * H * R;
   if (items == 0 || D == 0) return desc.zero_();
   const LayoutView layout = args.layout.view(k.size(2));
-  const Strides4 ks = strides_of(k);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(k.scalar_type(), "region_pool", [&](auto tag) {
     using T = native_t<decltype(tag)>;
-    const bool vec = rows_vectorizable<T>(k.data_ptr(), D, {ks.batch, ks.head, ks.row});
-    const int chunk = vec ? 16 / sizeof(T) : 1;
-    const int lanes = lanes_per_row(D / chunk);
-    const dim3 grid(ceil_div(items, kWarpsPerBlock)), block(kWarpsPerBlock * 32);
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(k.data_ptr()), ks, layout,
-                                         int(H), int(D), lanes,
+    launch_region_warps<T>(k, items, [&](bool vec, int lanes, dim3 grid, dim3 block) {
+      auto kernel = vec ? pool_kernel<T, true> : pool_kernel<T, false>;
+      kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(k.data_ptr()), strides_of(k),
+                                         layout, int(H), int(D), lanes,
                                          reinterpret_cast<T*>(desc.data_ptr()), items);
-    };
-    vec ? launch(pool_kernel<T, true>) : launch(pool_kernel<T, false>);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return desc;
 }
@@ -140,25 +146,18 @@ at::Tensor region_pool_backward_cuda(const at::Tensor& grad_desc, const at::Tens
   const int64_t B = g.size(0), H = g.size(1), R = args.layout.num_regions, D = g.size(3);
   at::Tensor grad_keys = at::zeros({B, H, num_keys, D}, g.options().dtype(at::kFloat));
   const int64_t items = B * H * R;
-  if (items > 0 && D > 0) {
-    const LayoutView layout = args.layout.view(num_keys);
-    const Strides4 gs = strides_of(g);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_float_types(g.scalar_type(), "region_pool_backward", [&](auto tag) {
-      using T = native_t<decltype(tag)>;
-      const bool vec = rows_vectorizable<T>(g.data_ptr(), D, {gs.batch, gs.head, gs.row});
-      const int chunk = vec ? 16 / sizeof(T) : 1;
-      const int lanes = lanes_per_row(D / chunk);
-      const dim3 grid(ceil_div(items, kWarpsPerBlock)), block(kWarpsPerBlock * 32);
-      auto launch = [&](auto kernel) {
-        kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(g.data_ptr()), gs, layout,
-                                           int(H), int(D), lanes, grad_keys.data_ptr<float>(),
-                                           items);
-      };
-      vec ? launch(pool_backward_kernel<T, true>) : launch(pool_backward_kernel<T, false>);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (items == 0 || D == 0) return grad_keys.to(g.scalar_type());
+  const LayoutView layout = args.layout.view(num_keys);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_types(g.scalar_type(), "region_pool_backward", [&](auto tag) {
+    using T = native_t<decltype(tag)>;
+    launch_region_warps<T>(g, items, [&](bool vec, int lanes, dim3 grid, dim3 block) {
+      auto kernel = vec ? pool_backward_kernel<T, true> : pool_backward_kernel<T, false>;
+      kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(g.data_ptr()), strides_of(g),
+                                         layout, int(H), int(D), lanes,
+                                         grad_keys.data_ptr<float>(), items);
     });
-  }
+  });
   return grad_keys.to(g.scalar_type());
 }
 
