@@ -26,7 +26,8 @@ namespace {
 
 // The keys a query row sees: the fixed tokens for all G heads of the group,
 // then the selected regions, for all heads (shared selection) or for each head
-// on its own. visit(g0, gc, positions, n) gets each block, for heads [g0, g0 + gc).
+// on its own. visit(g0, gc, positions, n, next, next_n) gets each block, for heads
+// [g0, g0 + gc), and the block after it.
 struct KeyLists {
   std::vector<int32_t> all_heads;               // fixed (+ regions of a shared selection)
   std::vector<std::vector<int32_t>> per_head;   // regions of each head's own selection
@@ -46,13 +47,15 @@ void for_each_key_block(const AttentionArgs& a, const LayoutView& layout, int64_
   lists.all_heads.clear();
   append_fixed_keys(layout, b, limit, lists.all_heads);
   if (shared) append_selected_keys(layout, b, slots_of(kv_head), K, limit, lists.all_heads);
-  for_each_block(lists.all_heads, [&](const int32_t* pos, int n) { visit(0, G, pos, n); });
+  for_each_block(lists.all_heads, [&](const int32_t* pos, int n, const int32_t* next,
+                                      int next_n) { visit(0, G, pos, n, next, next_n); });
   if (shared) return;
   lists.per_head.resize(G);
   for (int32_t g = 0; g < G; ++g) {
     lists.per_head[g].clear();
     append_selected_keys(layout, b, slots_of(kv_head * G + g), K, limit, lists.per_head[g]);
-    for_each_block(lists.per_head[g], [&](const int32_t* pos, int n) { visit(g, 1, pos, n); });
+    for_each_block(lists.per_head[g], [&](const int32_t* pos, int n, const int32_t* next,
+                                          int next_n) { visit(g, 1, pos, n, next, next_n); });
   }
 }
 
@@ -109,8 +112,13 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
 
       rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
-      auto attend = [&](int g0, int gc, const int32_t* pos, int n) {
+      auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t* next,
+                        int next_n) {
         rows.gather(pos, n);
+        for (int j = 0; j < next_n; ++j) {
+          touch_row_start(rows.k + int64_t(next[j]) * rows.k_stride);
+          touch_row_start(rows.v + int64_t(next[j]) * rows.v_stride);
+        }
         acc* s = scores.data() + g0 * kKeyBlock;
         dot_rows(queries.data() + g0 * D, gc, rows.k_rows, n, D, s, kKeyBlock, scratch.data());
         for (int g = g0; g < g0 + gc; ++g) {
@@ -196,7 +204,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
         }
         std::fill(dq_accum.begin(), dq_accum.end(), acc(0));
 
-        auto attend = [&](int g0, int gc, const int32_t* pos, int n) {
+        auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t*, int) {
           rows.gather(pos, n);
           for (int j = 0; j < n; ++j) {
             dk_rows[j] = dk_head + int64_t(pos[j]) * D;

@@ -38,7 +38,7 @@ void pool_regions(const PoolArgs& args, at::Tensor& desc) {
       append_region_keys(layout, b, r, kNoCausalLimit, members);
       for_each_block(
           members,
-          [&](const int32_t* pos, int n) {
+          [&](const int32_t* pos, int n, const int32_t*, int) {
             for (int j = 0; j < n; ++j) rows[j] = key_data + ks.offset(b, h, pos[j]);
             accumulate_rows(ones.data(), kKeyBlock, 1, rows, n, D, sum.data(), scratch.data());
           });
@@ -75,7 +75,7 @@ void pool_regions_backward(const PoolBackwardArgs& args, at::Tensor& grad_keys_a
         append_region_keys(layout, b, r, kNoCausalLimit, members);
         for_each_block(
             members,
-            [&](const int32_t* pos, int n) {
+            [&](const int32_t* pos, int n, const int32_t*, int) {
               for (int j = 0; j < n; ++j) rows[j] = grad_keys + int64_t(pos[j]) * D;
               scatter_rows(weights.data(), kKeyBlock, 1, grad_row.data(), rows, n, D);
             });
