@@ -9,7 +9,8 @@
 // torch.use_deterministic_algorithms(True) one block per (batch, KV head) runs
 // that head's units one after the other without splits, so every dk/dv row is
 // summed in the same order on every run (keys listed twice by one query, which
-// the layout contract excludes, are the exception).
+// the layout contract excludes, are the exception). Sums inside a block never
+// use atomics.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,6 +30,7 @@ namespace {
 
 template <typename T, bool kVec, int NH>
 struct BackwardShared {
+  float subset_sums[kAttnThreads * RowChunk<T, kVec>::kChunk];  // step c's partial sums
   float probs[NH][kKeyBatch];
   float dscores[NH][kKeyBatch];
   int32_t positions[kKeyBatch];
@@ -144,7 +146,7 @@ __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* 
         if (dq_subsets == 1) {
           dq[h * D + c * C + e] += sum[e];
         } else {
-          atomicAdd(&dq[h * D + c * C + e], sum[e]);
+          sh.subset_sums[o * C + e] = sum[e];
         }
       }
     }
@@ -172,6 +174,10 @@ __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* 
       }
     }
     __syncthreads();
+    if (dq_subsets > 1) {  // in a fixed order, so the deterministic mode is bitwise repeatable
+      add_subset_sums(sh.subset_sums, dq_owners, dq_subsets, C, chunks, D, unit.num_heads, dq);
+      __syncthreads();
+    }
   }
 
   // dq = scale * sum dS K; with splits several blocks add to the same rows

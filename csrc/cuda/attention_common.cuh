@@ -187,6 +187,21 @@ inline int num_heads_per_unit_template(int heads) {
   return heads <= 1 ? 1 : heads <= 2 ? 2 : heads <= 4 ? 4 : 8;
 }
 
+// dst[h][c * C + e] += sum over subsets s of sums[((s * owners) + owner) * C + e], owner =
+// h * chunks + c: the partial sums of the threads that split a batch's keys, added in a
+// fixed order (shared-memory atomics would make results vary from run to run).
+__device__ __forceinline__ void add_subset_sums(const float* sums, int owners, int subsets, int C,
+                                                int chunks, int D, int num_heads, float* dst) {
+  for (int x = threadIdx.x; x < owners * C; x += blockDim.x) {
+    const int owner = x / C, e = x % C;
+    const int h = owner / chunks, c = owner % chunks;
+    if (h >= num_heads) continue;
+    float total = 0.f;
+    for (int s = 0; s < subsets; ++s) total += sums[(s * owners + owner) * C + e];
+    dst[h * D + c * C + e] += total;
+  }
+}
+
 // Host side (attention_forward.cu): the operands and layout into p, and the
 // work decomposition (units, heads per unit NH, which it returns, and splits).
 void fill_common(const AttentionArgs& a, AttnParams& p);

@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
   __shared__ float probs[NH][kKeyBatch];  // scores, then probabilities
   __shared__ int32_t positions[kKeyBatch];
   __shared__ float row_max[NH], row_sum[NH], rescale[NH];
+  __shared__ float subset_sums[kAttnThreads * C];  // step d's partial sums, reduced in order
   __shared__ KeyStream stream;
 
   const int64_t u = blockIdx.x / p.splits;
@@ -142,9 +143,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
         if (subsets == 1) {
           acc[h * D + c * C + e] += sum[e];
         } else {
-          atomicAdd(&acc[h * D + c * C + e], sum[e]);
+          subset_sums[o * C + e] = sum[e];
         }
       }
+    }
+    if (subsets > 1) {  // the subsets' sums in a fixed order: the forward is deterministic
+      __syncthreads();
+      add_subset_sums(subset_sums, owners, subsets, C, chunks, D, unit.num_heads, acc);
     }
     __syncthreads();
   }
