@@ -87,7 +87,8 @@ void select_regions(const TopkArgs& args, at::Tensor& idx_out, at::Tensor& score
         for (int32_t j = 0; j < kept; ++j) {
           const int32_t r = region_of_selection_key(candidates[j]);
           idx[out_row + j] = r;
-          score[out_row + j] = score_of(r);
+          // decoded from the key, as the GPU kernel does (which keeps only keys)
+          score[out_row + j] = score_from_order_key(uint32_t(candidates[j] >> 32));
         }
         std::fill(idx + out_row + kept, idx + out_row + K, -1);
         std::fill(score + out_row + kept, score + out_row + K, kNegInf);
