@@ -99,14 +99,8 @@ __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* 
           Chunk kx, vx;
           kx.load(krow + int64_t(c) * C);
           vx.load(vrow + int64_t(c) * C);
-#pragma unroll
-          for (int h = 0; h < NH; ++h) {
-#pragma unroll
-            for (int e = 0; e < C; ++e) {
-              s[h] += query[h * D + c * C + e] * kx.v[e];
-              dp[h] += grad[h * D + c * C + e] * vx.v[e];
-            }
-          }
+          dot_chunk_heads<NH, C>(query, D, c, kx.v, s);
+          dot_chunk_heads<NH, C>(grad, D, c, vx.v, dp);
         }
       }
 #pragma unroll

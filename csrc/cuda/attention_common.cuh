@@ -187,6 +187,18 @@ inline int num_heads_per_unit_template(int heads) {
   return heads <= 1 ? 1 : heads <= 2 ? 2 : heads <= 4 ? 4 : 8;
 }
 
+// partial[h] += vecs[h][c * C : (c + 1) * C] . x for the NH rows of vecs [NH][D]: one
+// 16-byte chunk of a K or V row against every head of the unit.
+template <int NH, int C>
+__device__ __forceinline__ void dot_chunk_heads(const float* vecs, int D, int c, const float* x,
+                                                float (&partial)[NH]) {
+#pragma unroll
+  for (int h = 0; h < NH; ++h) {
+#pragma unroll
+    for (int e = 0; e < C; ++e) partial[h] += vecs[h * D + c * C + e] * x[e];
+  }
+}
+
 // dst[h][c * C + e] += sum over subsets s of sums[((s * owners) + owner) * C + e], owner =
 // h * chunks + c: the partial sums of the threads that split a batch's keys, added in a
 // fixed order (shared-memory atomics would make results vary from run to run).

@@ -86,11 +86,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
         for (int c = sub; c < chunks; c += p.lanes) {
           Chunk x;
           x.load(krow + int64_t(c) * C);
-#pragma unroll
-          for (int h = 0; h < NH; ++h) {
-#pragma unroll
-            for (int e = 0; e < C; ++e) partial[h] += query[h * D + c * C + e] * x.v[e];
-          }
+          dot_chunk_heads<NH, C>(query, D, c, x.v, partial);
         }
       }
 #pragma unroll
