@@ -12,7 +12,7 @@ import torch
 import gaze_ext
 from gaze_ext import ops, reference
 from helpers import (atol_for, cuda_ready, error_bound_check, generator, high_precision,
-                     random_batch_layout, random_selection)
+                     q_positions, random_batch_layout, random_selection)
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
 
@@ -175,3 +175,101 @@ def test_many_splits_and_slots_match_cpu(share_kv):
                              dev.fixed_tokens, idx.cuda())
     torch.testing.assert_close(got[0].cpu(), want[0], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got[1].cpu(), want[1], atol=2e-5, rtol=2e-5)
+
+
+def aligned_tensor(gen, shape, dtype, strided):
+    """Normal values; strided: a [B, L, H, D] storage with padded rows, viewed as
+    [B, H, L, D], every row still 16-byte aligned (the tensor-core kernel's requirement)."""
+    if not strided:
+        return torch.randn(shape, generator=gen).to("cuda", dtype)
+    B, H, L, D = shape
+    return torch.randn(B, L, H, D + 8, generator=gen).to("cuda", dtype)[..., :D].transpose(1, 2)
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels that fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.key for event in prof.key_averages()}
+
+
+TILED_CASES = [
+    # B, Hq, Hkv, Lq, N, D, selection heads, causal, k, strided q/k/v
+    (2, 8, 2, 37, 400, 128, "kv", True, 12, False),  # 16 positions per tile, a ragged last tile
+    (1, 4, 4, 70, 300, 64, "kv", False, 9, True),    # G = 1: 64 positions per tile
+    (2, 12, 2, 20, 350, 64, "kv", True, 20, False),  # G = 6: 10 positions, 4 idle rows
+    (1, 4, 1, 90, 500, 128, "q", True, 30, False),   # one selection per query head
+    (1, 2, 1, 40, 200, 128, "kv", True, 200, True),  # k >= R: 10 positions (entries bound)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(TILED_CASES)))
+def test_tensor_core_forward_matches_reference(monkeypatch, dtype, case):
+    """The tensor-core forward (forced) and the split-K one against the reference, on
+    ragged tiles, repeats and -1 slots, empty regions, padded fixed tokens, queries that
+    see nothing; the backward runs on the tensor-core forward's out and lse."""
+    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
+    gen = generator(2000 + case)
+    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
+    Hs = Hkv if sel == "kv" else Hq
+    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N) if causal else None
+    leaves = [aligned_tensor(gen, s, dtype, strided).requires_grad_()
+              for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    dev = layout.to("cuda")
+    args = (dev.region_ptr, dev.region_tokens, dev.fixed_tokens, idx.cuda(),
+            None if q_pos is None else q_pos.cuda(), 0.2)
+    results = {}
+    for kernel in ("tensor_core", "split"):
+        monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+        names = cuda_kernel_names(lambda: results.setdefault(kernel, ops.gaze_attention(*leaves, *args)))
+        assert any("tiled" in n for n in names) == (kernel == "tensor_core"), names
+    out, lse = results["tensor_core"]
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
+    assert torch.equal(out, ops.gaze_attention(*leaves, *args)[0])  # no atomics: repeats bitwise
+
+    cpu_args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.2)
+    hp = high_precision(dtype)
+    ref = [t.detach().cpu().to(hp).requires_grad_() for t in leaves]
+    same = [t.detach().cpu().requires_grad_() for t in leaves]
+    ref_out, ref_lse = reference.gaze_attention(*ref, *cpu_args)
+    same_out, _ = reference.gaze_attention(*same, *cpu_args, compute_dtype=dtype)
+    for name, (o, l) in results.items():
+        error_bound_check(f"out ({name})", o.detach().cpu(), ref_out.detach(), same_out.detach(),
+                          2.0, atol_for(dtype))
+        torch.testing.assert_close(l.cpu(), ref_lse.detach().float(), atol=1e-3, rtol=1e-4)
+
+    grad = torch.randn(out.shape, generator=gen)
+    (out.float() * grad.cuda()).sum().backward()
+    (ref_out * grad.to(hp)).sum().backward()
+    (same_out.float() * grad).sum().backward()
+    for name, got, r, s in zip("qkv", leaves, ref, same):
+        error_bound_check(f"d{name}", got.grad.cpu(), r.grad, s.grad, 3.0, atol_for(dtype))
+
+
+def test_tensor_core_forward_is_chosen_for_prefill_and_repeats_bitwise(monkeypatch):
+    """By default (auto) a prefill shape runs the tensor-core forward: its result differs
+    from the split-K kernel's in rounding (P is rounded to bf16) but repeats bitwise."""
+    layout, q, k, v = decode_inputs(6)
+    q = torch.randn(2, 8, 64, 128, device="cuda", dtype=torch.bfloat16)
+    N = layout.num_keys
+    q_pos = (N - 64 + torch.arange(64, device="cuda", dtype=torch.int32)).expand(2, 64)
+    desc = ops.region_pool(k, layout.region_ptr, layout.region_tokens)
+    idx, _ = ops.region_topk(q, desc, layout.region_ptr, 10, True, q_pos, layout.region_pos)
+    run = lambda: ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,  # noqa: E731
+                                     layout.fixed_tokens, idx, q_pos)[0]
+    monkeypatch.delenv("GAZE_ATTENTION_KERNEL", raising=False)
+    assert any("tiled" in n for n in cuda_kernel_names(run))
+    auto, auto_again = run(), run()
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
+    forced = run()
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    split = run()
+    assert torch.equal(auto, auto_again) and torch.equal(auto, forced)
+    torch.testing.assert_close(auto.float(), split.float(), atol=2e-2, rtol=2e-2)
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "fastest")
+    with pytest.raises(RuntimeError, match="GAZE_ATTENTION_KERNEL"):
+        run()

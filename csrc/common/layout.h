@@ -66,26 +66,19 @@ struct LayoutView {
   }
 };
 
-// Walks the selected regions of one query, applying the contract's rules:
-// -1 (or out-of-range) slots are skipped, a region equal to the last one taken
-// counts once.
-struct SelectionCursor {
-  const int32_t* slots;
-  int32_t num_slots;
-  int32_t next = 0;
-  int32_t last_taken = -1;
-
-  // Next region to attend, or -1 when the list is exhausted.
-  GAZE_HD int32_t advance(const LayoutView& layout) {
-    while (next < num_slots) {
-      int32_t r = slots[next++];
-      if (!layout.is_region(r) || r == last_taken) continue;
-      last_taken = r;
-      return r;
-    }
-    return -1;
+// Whether slot s of a query's selection adds its region, by the contract's rules:
+// -1 (or out-of-range) slots are skipped, and a region equal to the last one taken
+// counts once. The last region taken before slot s is the nearest earlier region
+// id (a skipped repeat equals it), so each slot is decided on its own: kernels
+// may look at the slots in parallel.
+GAZE_HD bool slot_taken(const LayoutView& layout, const int32_t* slots, int32_t s) {
+  const int32_t r = slots[s];
+  if (!layout.is_region(r)) return false;
+  for (int32_t t = s - 1; t >= 0; --t) {
+    if (layout.is_region(slots[t])) return slots[t] != r;
   }
-};
+  return true;
+}
 
 // Element strides of a [B, H, L, D] tensor (the last stride is 1 by construction).
 struct Strides4 {

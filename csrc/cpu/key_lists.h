@@ -35,9 +35,8 @@ inline void append_region_keys(const LayoutView& layout, int64_t b, int32_t r, i
 // Visible tokens of the regions listed in `slots` (K entries), by the selection rules.
 inline void append_selected_keys(const LayoutView& layout, int64_t b, const int32_t* slots,
                                  int32_t K, int32_t limit, std::vector<int32_t>& out) {
-  SelectionCursor cursor{slots, K};
-  for (int32_t r = cursor.advance(layout); r >= 0; r = cursor.advance(layout)) {
-    append_region_keys(layout, b, r, limit, out);
+  for (int32_t s = 0; s < K; ++s) {
+    if (slot_taken(layout, slots, s)) append_region_keys(layout, b, slots[s], limit, out);
   }
 }
 

@@ -90,7 +90,6 @@ struct KeyStream {
   int32_t region_begin[kMaxSlots];   // into region_tokens of the batch element
   int32_t region_offset[kMaxSlots + 1];  // exclusive prefix of region sizes
   int32_t fixed_begin, num_fixed, num_slots, length;
-  int32_t previous;  // the last region taken before this split's slots
 
   // All threads of the block call this; ends with __syncthreads().
   __device__ void init(const AttnParams& p, const Unit& unit, int split) {
@@ -105,29 +104,12 @@ struct KeyStream {
       fixed_begin = int(int64_t(F) * split / p.splits);
       num_fixed = int(int64_t(F) * (split + 1) / p.splits) - fixed_begin;
       num_slots = s1 - s0;
-      int32_t prev = -1;  // the rule "equal to the last region taken" crosses splits
-      for (int s = s0 - 1; s >= 0; --s) {
-        if (layout.is_region(slots[s])) {
-          prev = slots[s];
-          break;
-        }
-      }
-      previous = prev;
     }
-    __syncthreads();
     // region_offset temporarily holds each slot's size
-    for (int t = threadIdx.x; t < num_slots; t += blockDim.x) {
-      const int32_t r = slots[s0 + t];
-      int32_t prev = previous;
-      for (int s = s0 + t - 1; s >= s0; --s) {
-        if (layout.is_region(slots[s])) {
-          prev = slots[s];
-          break;
-        }
-      }
+    for (int t = threadIdx.x; t < s1 - s0; t += blockDim.x) {
       int32_t size = 0, begin = 0;
-      if (layout.is_region(r) && r != prev) {
-        const RegionSpan span = layout.region(unit.b, r);
+      if (slot_taken(layout, slots, s0 + t)) {  // the rule looks across split boundaries
+        const RegionSpan span = layout.region(unit.b, slots[s0 + t]);
         begin = span.begin;
         size = span.size();
       }
@@ -218,5 +200,10 @@ __device__ __forceinline__ void add_subset_sums(const float* sums, int owners, i
 // work decomposition (units, heads per unit NH, which it returns, and splits).
 void fill_common(const AttentionArgs& a, AttnParams& p);
 int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits);
+
+// attention_forward_tiled.cu: the tensor-core forward for many query rows. Launches
+// it and returns true when it applies to these arguments (fp16/bf16, head dim 64 or
+// 128, sm_80+, enough query rows per tile), else returns false.
+bool run_tiled_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse);
 
 }  // namespace gaze::cuda

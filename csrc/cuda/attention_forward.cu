@@ -1,4 +1,6 @@
-// CUDA gaze_attention forward: split-K gathered attention (flash-decoding).
+// CUDA gaze_attention forward: split-K gathered attention (flash-decoding), for
+// decode steps and whatever the tensor-core kernel (attention_forward_tiled.cu)
+// does not take.
 //
 // Each thread block runs one split of one unit (see attention_common.cuh) in
 // steps of kKeyBatch keys:
@@ -283,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (lse.numel() == 0) return {out, lse};
+  if (run_tiled_forward(a, out, lse)) return {out, lse};
 
   AttnParams p{};
   fill_common(a, p);

@@ -104,6 +104,59 @@ __device__ __forceinline__ T warp_max(T x, int width = 32) {
   return x;
 }
 
+// Sorts data[0, n) in shared or global memory, n a power of two, with every
+// thread of the block (bitonic network; ends with __syncthreads()). Ascending, or
+// descending with kDescending.
+template <bool kDescending, typename Key>
+__device__ void block_bitonic_sort(Key* data, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+        const int a = 2 * t - (t & (stride - 1)), c = a + stride;  // a has bit `stride` clear
+        const Key x = data[a], y = data[c];
+        const bool a_first = ((a & size) == 0) != kDescending;  // this pair's sequence ascends
+        if (a_first ? y < x : x < y) {
+          data[a] = y;
+          data[c] = x;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Replaces data[0, n) by its exclusive prefix sum, with every thread of the block
+// (each sums a contiguous run); returns the total. `warp_totals` holds one int per
+// warp. Starts and ends with __syncthreads().
+__device__ __forceinline__ int32_t block_exclusive_scan(int32_t* data, int n, int32_t* warp_totals) {
+  __syncthreads();
+  const int per_thread = (n + blockDim.x - 1) / blockDim.x;
+  const int begin = min(n, int(threadIdx.x) * per_thread), end = min(n, begin + per_thread);
+  int32_t sum = 0;
+  for (int e = begin; e < end; ++e) sum += data[e];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int32_t inclusive = sum;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int32_t other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  int32_t running = inclusive - sum, total = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) {
+    if (w < warp) running += warp_totals[w];
+    total += warp_totals[w];
+  }
+  for (int e = begin; e < end; ++e) {
+    const int32_t x = data[e];
+    data[e] = running;
+    running += x;
+  }
+  __syncthreads();
+  return total;
+}
+
 // Lanes of a warp that share one row: the fewest power-of-two lanes covering
 // `chunks` chunks (up to 32); each warp then works on 32 / lanes rows at once.
 inline int lanes_per_row(int64_t chunks) {

@@ -190,20 +190,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   // 5. bitonic sort, descending, padded with zero keys (below every real key)
   for (int j = n_taken + threadIdx.x; j < p.sort_size; j += kThreads) sorted[j] = 0ull;
   __syncthreads();
-  for (int size = 2; size <= p.sort_size; size <<= 1) {
-    for (int stride = size / 2; stride > 0; stride >>= 1) {
-      for (int t = threadIdx.x; t < p.sort_size / 2; t += kThreads) {
-        const int a = 2 * stride * (t / stride) + (t % stride), c = a + stride;
-        const uint64_t x = sorted[a], y = sorted[c];
-        const bool first_half = (a & size) == 0;
-        if (first_half ? x < y : x > y) {
-          sorted[a] = y;
-          sorted[c] = x;
-        }
-      }
-      __syncthreads();
-    }
-  }
+  block_bitonic_sort</*kDescending=*/true>(sorted, p.sort_size);
 
   const int64_t out = row * K;
   for (int j = threadIdx.x; j < K; j += kThreads) {
