@@ -208,9 +208,9 @@ TILED_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(TILED_CASES)))
 def test_tensor_core_forward_matches_reference(monkeypatch, dtype, case):
-    """The tensor-core forward (forced) and the split-K one against the reference, on
+    """The tensor-core kernels (forced) and the split-K forward against the reference, on
     ragged tiles, repeats and -1 slots, empty regions, padded fixed tokens, queries that
-    see nothing; the backward runs on the tensor-core forward's out and lse."""
+    see nothing; the profiler confirms which kernels ran."""
     B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
     gen = generator(2000 + case)
     layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
@@ -243,7 +243,8 @@ def test_tensor_core_forward_matches_reference(monkeypatch, dtype, case):
         torch.testing.assert_close(l.cpu(), ref_lse.detach().float(), atol=1e-3, rtol=1e-4)
 
     grad = torch.randn(out.shape, generator=gen)
-    (out.float() * grad.cuda()).sum().backward()
+    names = cuda_kernel_names(lambda: (out.float() * grad.cuda()).sum().backward())
+    assert any("backward_tiled" in n for n in names), names
     (ref_out * grad.to(hp)).sum().backward()
     (same_out.float() * grad).sum().backward()
     for name, got, r, s in zip("qkv", leaves, ref, same):

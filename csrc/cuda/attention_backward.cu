@@ -1,5 +1,6 @@
 // CUDA gaze_attention backward, with the forward's decomposition into units
-// and key batches (attention_common.cuh). Per batch of kKeyBatch keys:
+// and key batches (attention_common.cuh), for what the tensor-core backward
+// (attention_tiled.cu) does not take. Per batch of kKeyBatch keys:
 //   a. key positions;
 //   b. a lane group per key recomputes s = q.k and dp = dO.v for the unit's
 //      heads; P = 2^(s - lse), dS = P (dp - delta);
@@ -258,6 +259,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
     delta = delta.contiguous();
 
     const bool deterministic = at::globalContext().deterministicAlgorithms();
+    if (!deterministic && run_tiled_backward(args, delta, dq, dk, dv)) {
+      return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+    }
     AttnParams p{};
     fill_common(a, p);
     const int NH = plan_attention(a, p, deterministic ? 1 : 16);

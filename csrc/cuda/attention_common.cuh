@@ -201,9 +201,12 @@ __device__ __forceinline__ void add_subset_sums(const float* sums, int owners, i
 void fill_common(const AttentionArgs& a, AttnParams& p);
 int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits);
 
-// attention_forward_tiled.cu: the tensor-core forward for many query rows. Launches
-// it and returns true when it applies to these arguments (fp16/bf16, head dim 64 or
+// attention_tiled.cu: the tensor-core kernels for many query rows. Each launches
+// and returns true when it applies to these arguments (fp16/bf16, head dim 64 or
 // 128, sm_80+, enough query rows per tile), else returns false.
 bool run_tiled_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse);
+// dq, dk, dv: float32, contiguous, zero-filled; delta = rowsum(dO * O) - dlse.
+bool run_tiled_backward(const AttentionBackwardArgs& args, const at::Tensor& delta, at::Tensor& dq,
+                        at::Tensor& dk, at::Tensor& dv);
 
 }  // namespace gaze::cuda

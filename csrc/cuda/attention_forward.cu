@@ -1,5 +1,5 @@
 // CUDA gaze_attention forward: split-K gathered attention (flash-decoding), for
-// decode steps and whatever the tensor-core kernel (attention_forward_tiled.cu)
+// decode steps and whatever the tensor-core kernel (attention_tiled.cu)
 // does not take.
 //
 // Each thread block runs one split of one unit (see attention_common.cuh) in

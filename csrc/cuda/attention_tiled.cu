@@ -1,0 +1,697 @@
+// CUDA gaze_attention forward and backward on tensor cores, for many query rows
+// (prefill and training), where every query position has its own selection.
+//
+// A thread block owns a tile of up to kTileRows query rows: the query heads of
+// one selection head (the G heads of a KV head for a shared selection, else one
+// head) at `positions` consecutive query positions; row r is position
+// r / heads, head r % heads. Each warp owns 16 rows: one MMA row block.
+//
+//   1. Setup (build_union): the slots of the tile's selections become
+//      (position, region) entries, the contract's rules applied (slot_taken),
+//      sorted; their distinct regions, ascending, are the tile's *union*.
+//   2. The tile's keys are the fixed tokens, then the tokens of the union, in
+//      steps of kTileKeys (step_keys). Each step finds its keys' positions, then
+//      the multiplicity of each key for each position's query: 1 for a fixed
+//      token, the number of times its region was taken for a region token, 0
+//      past the causal limit or outside [0, N). A step that no row sees is
+//      skipped: fixed tokens past the tile's causal limits cost no math.
+//   3. The step's K and V rows are gathered into shared memory, and each warp
+//      runs its 16 rows against them with mma.sync m16n8k16 (fp16/bf16 in, fp32
+//      accumulate), the multiplicities weighting the softmax.
+// Forward: S = Q K^T, online softmax in registers, O += P V (P rounded to the
+// input type, as in FlashAttention). Backward: S and dP = dO V^T recomputed,
+// P = 2^(S - lse), dS = P (dP - delta); dQ += dS K in registers (the tile owns its
+// rows), and through shared memory dV += P^T dO, dK += dS^T Q for the step's
+// keys, added to float32 dK/dV with atomics (other tiles share the keys).
+// The rows of a tile share every K/V read, so a tile pays for the union of its
+// rows' selections: neighbouring text tokens mostly pick the same regions.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/op_args.h"
+#include "attention_common.cuh"
+#include "mma.cuh"
+
+namespace gaze::cuda {
+namespace {
+
+constexpr int kTileThreads = 128;
+constexpr int kTileWarps = kTileThreads / 32;
+constexpr int kTileRows = 16 * kTileWarps;  // query rows per block
+constexpr int kTileKeys = 64;               // keys per step
+constexpr int kKeyBlocks = kTileKeys / 8;   // MMA n-blocks of a step
+constexpr int kMaxEntries = 2048;           // positions * topk per block
+constexpr int kRowPad = 8;  // 16-bit elements after each shared row: lanes' rows hit different banks
+constexpr int kProbStride = kTileKeys + kRowPad;  // row stride of the P and dS tiles
+constexpr int kMinRowsAuto = 32;  // fewer rows per tile: the split-K kernels are the better fit
+static_assert(kTileKeys == 4 * 16 && kTileWarps == 4, "the backward gives each warp 16 keys");
+
+struct TileParams {
+  const void* q;  // [B, Hq, Lq, D], rows 16-byte aligned
+  const void* k;  // [B, Hkv, N, D], rows 16-byte aligned
+  const void* v;  // [B, Hkv, N, D], rows 16-byte aligned
+  Strides4 qs, ks, vs;
+  LayoutView layout;
+  const int32_t* idx;    // [B, Hs, Lq, K] contiguous
+  const int32_t* q_pos;  // [B, Lq] or null
+  AttentionShape shape;
+  float score_scale;   // scale * log2(e): scores in base 2
+  int positions;       // query positions per tile
+  int heads;           // query heads per tile; positions * heads <= kTileRows
+  int position_tiles;  // ceil(Lq / positions)
+  int sort_size;       // power of two >= positions * topk
+
+  // forward outputs
+  void* out;   // [B, Hq, Lq, D] contiguous, dtype of q
+  float* lse;  // [B, Hq, Lq]
+
+  // backward
+  const void* grad_out;  // [B, Hq, Lq, D], rows 16-byte aligned
+  Strides4 gs;
+  const float* lse_in;   // [B, Hq, Lq]
+  const float* delta;    // [B, Hq, Lq]: rowsum(dO * O) - dlse
+  float* dq;             // [B, Hq, Lq, D] float32, contiguous
+  float* dk;             // [B, Hkv, N, D] float32, contiguous, zero-initialized
+  float* dv;             // [B, Hkv, N, D] float32, contiguous, zero-initialized
+};
+
+// Byte offsets of a block's dynamic shared memory.
+struct TileSmemLayout {
+  int64_t q, k, v;       // uint16 [kTileRows][D + kRowPad] each (raw fp16/bf16)
+  int64_t grad;          // backward: dO rows, like q
+  int64_t probs, dscores;  // backward: uint16 [kTileRows][kProbStride]
+  int64_t entries;       // uint64 [sort_size]: (position << 32 | region), sorted
+  int64_t union_id;      // int32 [sort_size]: sorted regions, then the union's region ids
+  int64_t union_begin;   // int32 [sort_size]: union region's first index into region_tokens
+  int64_t union_offset;  // int32 [sort_size]: union region's first key in the union's key list
+  int64_t weights;       // uint16 [positions][kTileKeys]: the step's multiplicities
+  int64_t total;
+};
+
+GAZE_HD TileSmemLayout tile_smem_layout(int D, int sort_size, int positions, bool backward) {
+  TileSmemLayout s;
+  const int64_t tile = int64_t(kTileRows) * (D + kRowPad) * 2;  // multiples of 16 bytes
+  const int64_t prob_tile = backward ? int64_t(kTileRows) * kProbStride * 2 : 0;
+  s.q = 0;
+  s.k = tile;
+  s.v = 2 * tile;
+  s.grad = 3 * tile;
+  s.probs = s.grad + (backward ? tile : 0);
+  s.dscores = s.probs + prob_tile;
+  s.entries = s.dscores + prob_tile;
+  s.union_id = s.entries + 8 * int64_t(sort_size);
+  s.union_begin = s.union_id + 4 * int64_t(sort_size);
+  s.union_offset = s.union_begin + 4 * int64_t(sort_size);
+  s.weights = s.union_offset + 4 * int64_t(sort_size);
+  s.total = s.weights + 2 * int64_t(positions) * kTileKeys;
+  return s;
+}
+
+// The block's tile and its shared memory.
+template <int D>
+struct TileBlock {
+  static constexpr int kStride = D + kRowPad;  // 16-bit elements per shared row
+  static constexpr int kChunks = D / 8;        // 16-byte chunks per row
+
+  int64_t b;
+  int sel_head, kv_head, first_head, i0;
+  int positions;  // this tile's query positions (the last tile may have fewer)
+  int rows;       // positions * heads
+  uint16_t *tile_q, *tile_k, *tile_v, *tile_grad, *tile_probs, *tile_dscores;
+  uint64_t* entries;
+  int32_t *union_id, *union_begin, *union_offset;
+  uint16_t* weights;
+  int num_union, num_keys;  // after build_union
+
+  __device__ TileBlock(const TileParams& p, unsigned char* smem, bool backward) {
+    const AttentionShape& S = p.shape;
+    const int tile = int(blockIdx.x % p.position_tiles);
+    sel_head = int((blockIdx.x / p.position_tiles) % S.sel_heads);
+    b = blockIdx.x / (int64_t(p.position_tiles) * S.sel_heads);
+    const bool shared_sel = S.sel_heads == S.kv_heads;
+    kv_head = shared_sel ? sel_head : sel_head / S.group();
+    first_head = shared_sel ? sel_head * S.group() : sel_head;
+    i0 = tile * p.positions;
+    positions = min(p.positions, S.q_len - i0);
+    rows = positions * p.heads;
+    const TileSmemLayout L = tile_smem_layout(D, p.sort_size, p.positions, backward);
+    tile_q = reinterpret_cast<uint16_t*>(smem + L.q);
+    tile_k = reinterpret_cast<uint16_t*>(smem + L.k);
+    tile_v = reinterpret_cast<uint16_t*>(smem + L.v);
+    tile_grad = reinterpret_cast<uint16_t*>(smem + L.grad);
+    tile_probs = reinterpret_cast<uint16_t*>(smem + L.probs);
+    tile_dscores = reinterpret_cast<uint16_t*>(smem + L.dscores);
+    entries = reinterpret_cast<uint64_t*>(smem + L.entries);
+    union_id = reinterpret_cast<int32_t*>(smem + L.union_id);
+    union_begin = reinterpret_cast<int32_t*>(smem + L.union_begin);
+    union_offset = reinterpret_cast<int32_t*>(smem + L.union_offset);
+    weights = reinterpret_cast<uint16_t*>(smem + L.weights);
+  }
+
+  // Row r of the tile in a [B, H, Lq, D] tensor.
+  __device__ int head_of(const TileParams& p, int r) const { return first_head + r % p.heads; }
+  __device__ int query_of(const TileParams& p, int r) const { return i0 + r / p.heads; }
+
+  // The tile's rows of a [B, Hq, Lq, D] tensor into a shared tile (zeros past `rows`).
+  __device__ void load_rows(const TileParams& p, const void* src, const Strides4& s, uint16_t* dst) const {
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
+    for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
+      const int r = x / kChunks, c = x % kChunks;
+      uint4 chunk = make_uint4(0, 0, 0, 0);
+      if (r < rows) {
+        chunk = __ldg(reinterpret_cast<const uint4*>(base + s.offset(b, head_of(p, r), query_of(p, r)) + c * 8));
+      }
+      *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = chunk;
+    }
+  }
+
+  // Step 1: causal limits per position, sorted entries, the union and its key
+  // offsets; sets num_union and num_keys. Ends with __syncthreads().
+  __device__ void build_union(const TileParams& p, int32_t* limits, int32_t* warp_totals) {
+    const AttentionShape& S = p.shape;
+    const LayoutView& layout = p.layout;
+    const int K = S.topk;
+    if (threadIdx.x < kTileRows) {
+      const int t = threadIdx.x;
+      limits[t] = t >= positions ? -1 : p.q_pos ? p.q_pos[b * S.q_len + i0 + t] : kNoCausalLimit;
+    }
+    // (position, region) of every slot taken; the others sort last
+    const int32_t* tile_slots = p.idx + ((b * S.sel_heads + sel_head) * int64_t(S.q_len) + i0) * K;
+    for (int e = threadIdx.x; e < p.sort_size; e += kTileThreads) {
+      uint64_t entry = ~0ull;
+      if (e < positions * K) {
+        const int32_t* slots = tile_slots + int64_t(e / K) * K;
+        if (slot_taken(layout, slots, e % K)) entry = (uint64_t(e / K) << 32) | uint32_t(slots[e % K]);
+      }
+      entries[e] = entry;
+    }
+    __syncthreads();
+    block_bitonic_sort</*kDescending=*/false>(entries, p.sort_size);
+
+    // the distinct regions, ascending
+    constexpr int32_t kNone = 0x7FFFFFFF;
+    for (int e = threadIdx.x; e < p.sort_size; e += kTileThreads) {
+      union_id[e] = entries[e] == ~0ull ? kNone : int32_t(uint32_t(entries[e]));
+    }
+    __syncthreads();
+    block_bitonic_sort</*kDescending=*/false>(union_id, p.sort_size);
+    auto first_of_its_region = [&](int e) {
+      return union_id[e] != kNone && (e == 0 || union_id[e] != union_id[e - 1]);
+    };
+    for (int e = threadIdx.x; e < p.sort_size; e += kTileThreads) union_offset[e] = first_of_its_region(e);
+    num_union = block_exclusive_scan(union_offset, p.sort_size, warp_totals);
+    for (int e = threadIdx.x; e < p.sort_size; e += kTileThreads) {
+      if (first_of_its_region(e)) union_begin[union_offset[e]] = union_id[e];
+    }
+    __syncthreads();
+    for (int u = threadIdx.x; u < num_union; u += kTileThreads) {  // ids back to union_id; spans
+      const int32_t region = union_begin[u];
+      const RegionSpan span = layout.region(b, region);
+      union_id[u] = region;
+      union_begin[u] = span.begin;
+      union_offset[u] = span.size();
+    }
+    num_keys = layout.num_fixed + block_exclusive_scan(union_offset, num_union, warp_totals);
+  }
+
+  // Step 2 for the keys [k0, k0 + kTileKeys): their positions (-1: none) into
+  // key_pos, the multiplicities into `weights`, key_seen[j] = some row sees key j.
+  // Returns whether any row sees any key; ends with a barrier.
+  __device__ bool step_keys(const TileParams& p, int k0, const int32_t* limits, int32_t* key_pos,
+                            int32_t* key_region, int32_t* key_seen) const {
+    const LayoutView& layout = p.layout;
+    if (threadIdx.x < kTileKeys) {
+      const int e = k0 + threadIdx.x;
+      int32_t pos = -1, region = -1;
+      if (e < layout.num_fixed) {
+        pos = layout.fixed(b)[e];
+      } else if (e < num_keys) {
+        const int w = e - layout.num_fixed;
+        int lo = 0, hi = num_union - 1;  // the last union region whose first key is <= w
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (union_offset[mid] <= w) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
+        }
+        pos = layout.tokens(b)[union_begin[lo] + (w - union_offset[lo])];
+        region = union_id[lo];
+      }
+      key_pos[threadIdx.x] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
+      key_region[threadIdx.x] = region;
+      key_seen[threadIdx.x] = 0;
+    }
+    __syncthreads();
+    int seen = 0;
+    for (int x = threadIdx.x; x < p.positions * kTileKeys; x += kTileThreads) {
+      const int position = x / kTileKeys, j = x % kTileKeys;
+      const int32_t pos = key_pos[j];
+      int count = 0;
+      if (pos >= 0 && pos <= limits[position]) {
+        count = key_region[j] < 0
+                    ? 1
+                    : entry_count((uint64_t(position) << 32) | uint32_t(key_region[j]), p.sort_size);
+      }
+      weights[x] = uint16_t(count);
+      if (count > 0) {
+        key_seen[j] = 1;
+        seen = 1;
+      }
+    }
+    return __syncthreads_or(seen);
+  }
+
+  // How many times `entry` occurs in the sorted entries.
+  __device__ int entry_count(uint64_t entry, int n) const {
+    int lo = 0, hi = n;  // the first entry >= `entry`
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (entries[mid] < entry) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    int count = 0;
+    while (lo < n && entries[lo] == entry) {
+      ++count;
+      ++lo;
+    }
+    return count;
+  }
+
+  // Step 3: the seen keys' rows of a [B, Hkv, N, D] tensor into a shared tile
+  // (zeros for the others). No barrier.
+  __device__ void gather_keys(const void* src, const Strides4& s, const int32_t* key_pos,
+                              const int32_t* key_seen, uint16_t* dst) const {
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
+    for (int x = threadIdx.x; x < kTileKeys * kChunks; x += kTileThreads) {
+      const int j = x / kChunks, c = x % kChunks;
+      uint4 chunk = make_uint4(0, 0, 0, 0);
+      if (key_seen[j]) chunk = __ldg(reinterpret_cast<const uint4*>(base + key_pos[j] * s.row + c * 8));
+      *reinterpret_cast<uint4*>(dst + j * kStride + c * 8) = chunk;
+    }
+  }
+
+  // The multiplicity of the step's key j for this thread's row of selection `sel` (-1: none).
+  __device__ int weight(int sel, int j) const { return sel >= 0 ? weights[sel * kTileKeys + j] : 0; }
+};
+
+// acc[nb] = rows [row0, row0 + 16) of `rows_tile` times the kTileKeys rows of
+// `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T.
+template <typename T, int D>
+__device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const uint16_t* keys_tile,
+                                                int row0, float (&acc)[kKeyBlocks][4]) {
+  constexpr int kWords = (D + kRowPad) / 2;
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const uint32_t* a32 = reinterpret_cast<const uint32_t*>(rows_tile);
+  const uint32_t* b32 = reinterpret_cast<const uint32_t*>(keys_tile);
+#pragma unroll
+  for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int w0 = (row0 + g) * kWords + kk * 8 + t4, w1 = w0 + 8 * kWords;
+    const uint32_t a[4] = {a32[w0], a32[w1], a32[w0 + 4], a32[w1 + 4]};
+#pragma unroll
+    for (int nb = 0; nb < kKeyBlocks; ++nb) {
+      const int key_word = (nb * 8 + g) * kWords + kk * 8 + t4;
+      const uint32_t bk[2] = {b32[key_word], b32[key_word + 4]};
+      mma_16x8x16<T>(acc[nb], a, bk);
+    }
+  }
+}
+
+// acc[dn] += probs (16 x 64, C fragments in registers) times the kTileKeys rows of
+// `keys_tile` (64 x D), for O += P V and dQ += dS K. The C fragments of key blocks
+// 2ks and 2ks + 1 are the A fragment of k-step ks.
+template <typename T, int D>
+__device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks][4],
+                                                 const uint16_t* keys_tile, float (&acc)[D / 8][4]) {
+  constexpr int kStride = D + kRowPad;
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int ks = 0; ks < kTileKeys / 16; ++ks) {
+    const uint32_t a[4] = {pack_pair<T>(probs[2 * ks][0], probs[2 * ks][1]),
+                           pack_pair<T>(probs[2 * ks][2], probs[2 * ks][3]),
+                           pack_pair<T>(probs[2 * ks + 1][0], probs[2 * ks + 1][1]),
+                           pack_pair<T>(probs[2 * ks + 1][2], probs[2 * ks + 1][3])};
+    const uint16_t* k0 = keys_tile + (ks * 16 + 2 * t4) * kStride + g;  // key 2t4, column g
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const uint16_t* kc = k0 + dn * 8;
+      const uint32_t bk[2] = {pack_raw_pair(kc[0], kc[kStride]),
+                              pack_raw_pair(kc[8 * kStride], kc[9 * kStride])};
+      mma_16x8x16<T>(acc[dn], a, bk);
+    }
+  }
+}
+
+// acc[dn] = (keys [key0, key0 + 16) of the shared kTileRows x kTileKeys matrix
+// `by_row`, transposed) times the kTileRows rows of `rows_tile`: (16 x 64) . (64 x D),
+// for dV = P^T dO and dK = dS^T Q.
+template <typename T, int D>
+__device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const uint16_t* rows_tile,
+                                                int key0, float (&acc)[D / 8][4]) {
+  constexpr int kStride = D + kRowPad;
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[dn][e] = 0.f;
+  }
+#pragma unroll
+  for (int ks = 0; ks < kTileRows / 16; ++ks) {
+    const uint16_t* m = by_row + (ks * 16 + 2 * t4) * kProbStride + key0 + g;  // row 2t4, key g
+    const uint32_t a[4] = {pack_raw_pair(m[0], m[kProbStride]),
+                           pack_raw_pair(m[8], m[kProbStride + 8]),
+                           pack_raw_pair(m[8 * kProbStride], m[9 * kProbStride]),
+                           pack_raw_pair(m[8 * kProbStride + 8], m[9 * kProbStride + 8])};
+    const uint16_t* r0 = rows_tile + (ks * 16 + 2 * t4) * kStride + g;  // row 2t4, column g
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const uint16_t* rc = r0 + dn * 8;
+      const uint32_t br[2] = {pack_raw_pair(rc[0], rc[kStride]),
+                              pack_raw_pair(rc[8 * kStride], rc[9 * kStride])};
+      mma_16x8x16<T>(acc[dn], a, br);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(TileParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int32_t key_pos[kTileKeys], key_region[kTileKeys], key_seen[kTileKeys];
+  __shared__ int32_t limits[kTileRows];  // causal limit per position (-1: no query)
+  __shared__ int32_t warp_totals[kTileWarps];
+  TileBlock<D> tb(p, smem, /*backward=*/false);
+  tb.load_rows(p, p.q, p.qs, tb.tile_q);
+  tb.build_union(p, limits, warp_totals);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane % 4;
+  const bool warp_active = warp * 16 < tb.rows;
+  const int row[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};  // this thread's rows
+  const int sel[2] = {row[0] < tb.rows ? row[0] / p.heads : -1, row[1] < tb.rows ? row[1] / p.heads : -1};
+  float acc[D / 8][4] = {};  // O, unnormalized; row[h] in elements 2h, 2h + 1
+  float row_max[2] = {kNegInf, kNegInf};
+  float row_sum[2] = {0.f, 0.f};  // over this thread's columns; the quad adds up at the end
+
+  for (int k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
+    if (!tb.step_keys(p, k0, limits, key_pos, key_region, key_seen)) continue;
+    tb.gather_keys(p.k, p.ks, key_pos, key_seen, tb.tile_k);
+    tb.gather_keys(p.v, p.vs, key_pos, key_seen, tb.tile_v);
+    __syncthreads();
+
+    if (warp_active) {
+      float s[kKeyBlocks][4];
+      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, s);
+      // multiplicities and the online softmax (h: row[h], elements 2h and 2h + 1)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float step_max = kNegInf;
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const bool on = tb.weight(sel[h], nb * 8 + 2 * t4 + c) > 0;
+            const float x = on ? s[nb][2 * h + c] * p.score_scale : kNegInf;
+            s[nb][2 * h + c] = x;
+            step_max = fmaxf(step_max, x);
+          }
+        }
+        step_max = fmaxf(step_max, __shfl_xor_sync(0xFFFFFFFFu, step_max, 1));
+        step_max = fmaxf(step_max, __shfl_xor_sync(0xFFFFFFFFu, step_max, 2));
+        const float new_max = fmaxf(row_max[h], step_max);
+        const float safe = softmax_safe_max(new_max);
+        const float rescale = softmax_rescale(row_max[h], new_max);
+        row_max[h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int count = tb.weight(sel[h], nb * 8 + 2 * t4 + c);
+            const float pj = count > 0 ? float(count) * exp2_approx(s[nb][2 * h + c] - safe) : 0.f;
+            s[nb][2 * h + c] = pj;
+            sum += pj;
+          }
+        }
+        row_sum[h] = row_sum[h] * rescale + sum;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          acc[dn][2 * h] *= rescale;
+          acc[dn][2 * h + 1] *= rescale;
+        }
+      }
+      probs_times_keys<T, D>(s, tb.tile_v, acc);
+    }
+    __syncthreads();
+  }
+
+  if (!warp_active) return;
+  T* out = reinterpret_cast<T*>(p.out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+    if (row[h] >= tb.rows) continue;
+    const int64_t out_row =
+        (tb.b * p.shape.q_heads + tb.head_of(p, row[h])) * int64_t(p.shape.q_len) + tb.query_of(p, row[h]);
+    const float norm = softmax_normalizer(sum);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + out_row * D);
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      dst[dn * 4 + t4] = pack_pair<T>(acc[dn][2 * h] * norm, acc[dn][2 * h + 1] * norm);
+    }
+    if (t4 == 0) p.lse[out_row] = softmax_lse(row_max[h], sum);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(TileParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int32_t key_pos[kTileKeys], key_region[kTileKeys], key_seen[kTileKeys];
+  __shared__ int32_t limits[kTileRows];
+  __shared__ int32_t warp_totals[kTileWarps];
+  TileBlock<D> tb(p, smem, /*backward=*/true);
+  tb.load_rows(p, p.q, p.qs, tb.tile_q);
+  tb.load_rows(p, p.grad_out, p.gs, tb.tile_grad);
+  for (int x = threadIdx.x; x < kTileRows * kProbStride; x += kTileThreads) {  // idle rows stay 0
+    tb.tile_probs[x] = 0;
+    tb.tile_dscores[x] = 0;
+  }
+  tb.build_union(p, limits, warp_totals);
+
+  const AttentionShape& S = p.shape;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const bool warp_active = warp * 16 < tb.rows;
+  const int row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  const int sel[2] = {row[0] < tb.rows ? row[0] / p.heads : -1, row[1] < tb.rows ? row[1] / p.heads : -1};
+  float lse2[2], delta[2];  // per row: lse in base 2 (-inf: no keys, P = 0), delta
+  int64_t stat_row[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    stat_row[h] = (tb.b * S.q_heads + tb.head_of(p, row[h])) * int64_t(S.q_len) + tb.query_of(p, row[h]);
+    const bool live = row[h] < tb.rows;
+    lse2[h] = live ? p.lse_in[stat_row[h]] * kLog2e : kNegInf;
+    delta[h] = live ? p.delta[stat_row[h]] : 0.f;
+  }
+  const float scale = p.score_scale / kLog2e;
+  float dq[D / 8][4] = {};
+  const int64_t kv_row0 = (tb.b * S.kv_heads + tb.kv_head) * int64_t(p.layout.num_keys);
+
+  for (int k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
+    if (!tb.step_keys(p, k0, limits, key_pos, key_region, key_seen)) continue;
+    tb.gather_keys(p.k, p.ks, key_pos, key_seen, tb.tile_k);
+    tb.gather_keys(p.v, p.vs, key_pos, key_seen, tb.tile_v);
+    __syncthreads();
+
+    if (warp_active) {
+      float s[kKeyBlocks][4], dp[kKeyBlocks][4];
+      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, s);
+      rows_times_keys<T, D>(tb.tile_grad, tb.tile_v, warp * 16, dp);
+      // P = count 2^(S - lse), dS = P (dP - delta); both to shared memory for dV, dK
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int count = tb.weight(sel[h], nb * 8 + 2 * t4 + c);
+            const float pj = count > 0 && lse2[h] != kNegInf
+                                 ? float(count) * exp2_approx(s[nb][2 * h + c] * p.score_scale - lse2[h])
+                                 : 0.f;
+            s[nb][2 * h + c] = pj;
+            dp[nb][2 * h + c] = pj * (dp[nb][2 * h + c] - delta[h]);
+          }
+          const int at = row[h] * kProbStride + nb * 8 + 2 * t4;
+          *reinterpret_cast<uint32_t*>(tb.tile_probs + at) = pack_pair<T>(s[nb][2 * h], s[nb][2 * h + 1]);
+          *reinterpret_cast<uint32_t*>(tb.tile_dscores + at) = pack_pair<T>(dp[nb][2 * h], dp[nb][2 * h + 1]);
+        }
+      }
+      probs_times_keys<T, D>(dp, tb.tile_k, dq);
+    }
+    __syncthreads();
+
+    // dV += P^T dO and dK += scale dS^T Q for this warp's 16 keys, to global memory
+    const int key0 = warp * 16;
+    float grad_keys[D / 8][4];
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
+                            pass == 0 ? tb.tile_grad : tb.tile_q, key0, grad_keys);
+      float* dst = pass == 0 ? p.dv : p.dk;
+      const float factor = pass == 0 ? 1.f : scale;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int j = key0 + g + 8 * half;
+        if (!key_seen[j]) continue;
+        float* dst_row = dst + (kv_row0 + key_pos[j]) * D + 2 * t4;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          atomicAdd(dst_row + dn * 8, grad_keys[dn][2 * half] * factor);
+          atomicAdd(dst_row + dn * 8 + 1, grad_keys[dn][2 * half + 1] * factor);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if (!warp_active) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (row[h] >= tb.rows) continue;
+    float2* dst = reinterpret_cast<float2*>(p.dq + stat_row[h] * D);
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      dst[dn * 4 + t4] = make_float2(dq[dn][2 * h] * scale, dq[dn][2 * h + 1] * scale);
+    }
+  }
+}
+
+enum class TiledChoice { kAuto, kTensorCore, kSplit };
+
+// GAZE_ATTENTION_KERNEL=auto (default) | tensor_core | split: which kernels run
+// when both apply (the tests run each).
+TiledChoice tiled_choice() {
+  const char* env = std::getenv("GAZE_ATTENTION_KERNEL");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return TiledChoice::kAuto;
+  if (std::strcmp(env, "tensor_core") == 0) return TiledChoice::kTensorCore;
+  if (std::strcmp(env, "split") == 0) return TiledChoice::kSplit;
+  TORCH_CHECK(false, "GAZE_ATTENTION_KERNEL must be auto, tensor_core or split, not '", env, "'");
+}
+
+int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+bool rows_aligned(const at::Tensor& t) {  // every [.., D] row 16-byte aligned
+  return rows_vectorizable<c10::Half>(t.data_ptr(), t.size(-1), {t.stride(0), t.stride(1), t.stride(2)});
+}
+
+// The tile plan for these arguments into p, or false when the tensor-core kernels do not apply.
+bool plan_tiles(const AttentionArgs& a, TileParams& p) {
+  const TiledChoice choice = tiled_choice();
+  if (choice == TiledChoice::kSplit) return false;
+  const AttentionShape& S = a.shape;
+  const at::ScalarType dtype = a.q.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (S.head_dim != 64 && S.head_dim != 128) return false;
+  const int heads = S.sel_heads == S.kv_heads ? S.group() : 1;
+  if (heads > kTileRows || S.topk > kMaxEntries) return false;
+  const int positions = std::min({kTileRows / heads, kMaxEntries / S.topk, S.q_len});
+  if (choice == TiledChoice::kAuto && positions * heads < kMinRowsAuto) return false;
+  if (!rows_aligned(a.q) || !rows_aligned(a.k) || !rows_aligned(a.v)) return false;
+  p.q = a.q.data_ptr();
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+  p.qs = strides_of(a.q);
+  p.ks = strides_of(a.k);
+  p.vs = strides_of(a.v);
+  p.layout = a.layout.view(a.num_keys);
+  p.idx = a.idx.data_ptr<int32_t>();
+  p.q_pos = a.q_pos.defined() ? a.q_pos.data_ptr<int32_t>() : nullptr;
+  p.shape = S;
+  p.score_scale = static_cast<float>(a.scale) * kLog2e;
+  p.positions = positions;
+  p.heads = heads;
+  p.position_tiles = int(ceil_div(S.q_len, positions));
+  p.sort_size = next_pow2(positions * S.topk);
+  return true;
+}
+
+// Launches kernel over the tiles when the device and binary have bf16/fp16
+// mma.sync and the shared memory fits; else returns false.
+template <typename Kernel>
+bool launch_tiles(Kernel kernel, const TileParams& p, bool backward) {
+  int device = 0, major = 0, shared_limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (major < 8 || attributes.binaryVersion < 80) return false;
+  const int64_t shared = tile_smem_layout(p.shape.head_dim, p.sort_size, p.positions, backward).total;
+  if (shared + int64_t(attributes.sharedSizeBytes) > shared_limit) return false;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  const int64_t blocks = int64_t(p.shape.batch) * p.shape.sel_heads * p.position_tiles;
+  kernel<<<dim3(unsigned(blocks)), dim3(kTileThreads), shared, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+template <template <typename, int> class KernelOf>
+bool launch_for_type(const TileParams& p, bool bf16, bool backward) {
+  if (p.shape.head_dim == 64) {
+    return bf16 ? launch_tiles(KernelOf<__nv_bfloat16, 64>::kernel, p, backward)
+                : launch_tiles(KernelOf<__half, 64>::kernel, p, backward);
+  }
+  return bf16 ? launch_tiles(KernelOf<__nv_bfloat16, 128>::kernel, p, backward)
+              : launch_tiles(KernelOf<__half, 128>::kernel, p, backward);
+}
+
+template <typename T, int D>
+struct ForwardKernelOf {
+  static constexpr auto kernel = attention_forward_tiled_kernel<T, D>;
+};
+template <typename T, int D>
+struct BackwardKernelOf {
+  static constexpr auto kernel = attention_backward_tiled_kernel<T, D>;
+};
+
+}  // namespace
+
+bool run_tiled_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
+  TileParams p{};
+  if (!plan_tiles(a, p)) return false;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  return launch_for_type<ForwardKernelOf>(p, a.q.scalar_type() == at::kBFloat16, false);
+}
+
+bool run_tiled_backward(const AttentionBackwardArgs& args, const at::Tensor& delta, at::Tensor& dq,
+                        at::Tensor& dk, at::Tensor& dv) {
+  TileParams p{};
+  if (!plan_tiles(args.fwd, p) || !rows_aligned(args.grad_out)) return false;
+  p.grad_out = args.grad_out.data_ptr();
+  p.gs = strides_of(args.grad_out);
+  p.lse_in = args.lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  return launch_for_type<BackwardKernelOf>(p, args.fwd.q.scalar_type() == at::kBFloat16, true);
+}
+
+}  // namespace gaze::cuda
