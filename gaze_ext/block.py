@@ -127,13 +127,26 @@ class GazeAttentionBlock(nn.Module):
         positions = torch.arange(L, device=x.device).expand(B, L)
         q, k, v = self._project(x, positions)
         gaze = layout.gaze
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask,
-                                               scale=self.scale, enable_gqa=True)
-        # routed text queries, gathered to [B, H, Lt, D]; padding rows point past the end
+        # Rows are gathered to [B, H, rows, D] and scattered back into out; padding entries
+        # of the row lists point past the end (row L of out, dropped).
+        def gather(rows):
+            index = rows.clamp(max=L - 1)[:, None, :, None]
+            return q.gather(2, index.expand(B, self.num_heads, rows.shape[1], self.head_dim))
+
+        def scatter(out, rows, values):
+            index = rows[:, None, :, None].expand(B, self.num_heads, rows.shape[1], self.head_dim)
+            return out.scatter(2, index, values)
+
+        out = q.new_zeros(B, self.num_heads, L + 1, self.head_dim)
+        # visual and context queries: dense SDPA over their mask rows
+        if layout.dense_rows.shape[1] > 0:
+            dense = F.scaled_dot_product_attention(gather(layout.dense_rows), k, v,
+                                                   attn_mask=layout.dense_row_mask,
+                                                   scale=self.scale, enable_gqa=True)
+            out = scatter(out, layout.dense_rows, dense)
+        # text queries: routed
         rows = layout.text_rows
-        Lt = rows.shape[1]
-        gather_rows = rows.clamp(max=L - 1)[:, None, :, None]
-        q_text = q.gather(2, gather_rows.expand(B, self.num_heads, Lt, self.head_dim))
+        q_text = gather(rows)
         q_pos = torch.where(rows < L, rows, -1).to(torch.int32)
         with torch.no_grad():
             desc = ops.region_pool(k, gaze.region_ptr, gaze.region_tokens)
@@ -144,9 +157,7 @@ class GazeAttentionBlock(nn.Module):
                                        gaze.fixed_tokens, idx, q_pos, self.scale)
         if self.record_selection:
             self.last_selection = idx
-        scatter_rows = rows[:, None, :, None].expand(B, self.num_heads, Lt, self.head_dim)
-        padded = torch.cat([dense, dense.new_zeros(B, self.num_heads, 1, self.head_dim)], 2)
-        out = padded.scatter(2, scatter_rows, routed)[:, :, :L]
+        out = scatter(out, rows, routed)[:, :, :L]
         if cache is not None:
             cache.k[layer][:, :, :L] = k.detach()
             cache.v[layer][:, :, :L] = v.detach()

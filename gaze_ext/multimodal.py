@@ -32,7 +32,10 @@ class MultimodalLayout:
     context token belongs to (-1 for text and padding). lengths [B]: tokens per sample.
     gaze: the region layout (regions over visual tokens; fixed tokens = text + context).
     text_rows [B, Lt]: positions of each sample's text tokens, padded with L;
-    dense_mask [B, 1, L, L]: what visual and context queries see (text rows: causal).
+    dense_mask [B, 1, L, L]: what visual and context queries see (text rows: causal);
+    dense_rows [B, Ld]: positions of the other tokens (visual, context, padding), padded
+    with L; dense_row_mask [B, 1, Ld, L]: their rows of dense_mask (a padding entry sees
+    key 0 alone, so that no row of the attention is empty).
     """
 
     kinds: Tensor
@@ -42,6 +45,8 @@ class MultimodalLayout:
     visuals: List[List[Visual]]
     text_rows: Tensor
     dense_mask: Tensor
+    dense_rows: Tensor
+    dense_row_mask: Tensor
 
     @property
     def seq_len(self) -> int:
@@ -50,7 +55,8 @@ class MultimodalLayout:
     def to(self, device) -> "MultimodalLayout":
         return MultimodalLayout(self.kinds.to(device), self.groups.to(device),
                                 self.lengths.to(device), self.gaze.to(device), self.visuals,
-                                self.text_rows.to(device), self.dense_mask.to(device))
+                                self.text_rows.to(device), self.dense_mask.to(device),
+                                self.dense_rows.to(device), self.dense_row_mask.to(device))
 
 
 def sample_plan(parts: Sequence[Tuple], num_context: int):
@@ -87,6 +93,17 @@ def build_multimodal_layout(plans: Sequence[Sequence[Tuple]], num_context: int =
                                 None if device is None else str(torch.device(device)))
 
 
+def rows_where(selected: Tensor, pad: int) -> Tensor:
+    """[B, L] bool -> [B, n] long: each row's selected positions, ascending, padded with pad."""
+    B = selected.shape[0]
+    n = int(selected.sum(1).max()) if B else 0
+    rows = torch.full((B, n), pad, dtype=torch.long)
+    for b in range(B):
+        found = torch.nonzero(selected[b]).flatten()
+        rows[b, : found.numel()] = found
+    return rows
+
+
 @functools.lru_cache(maxsize=64)
 def _build_layout_cached(plans, num_context, region_shape, device) -> MultimodalLayout:
     samples = [sample_plan(p, num_context) for p in plans]
@@ -100,12 +117,8 @@ def _build_layout_cached(plans, num_context, region_shape, device) -> Multimodal
     gaze = stack_layouts([build_layout(v, len(k), region_shape) for k, _, v in samples])
     gaze = gaze._replace(num_keys=L)
 
-    text_counts = (kinds == TEXT).sum(1)
-    Lt = int(text_counts.max()) if B else 0
-    text_rows = torch.full((B, Lt), L, dtype=torch.long)
-    for b in range(B):
-        rows = torch.nonzero(kinds[b] == TEXT).flatten()
-        text_rows[b, : rows.numel()] = rows
+    text_rows = rows_where(kinds == TEXT, L)
+    dense_rows = rows_where(kinds != TEXT, L)
 
     pos = torch.arange(L)
     causal = pos[None, :, None] >= pos[None, None, :]                       # [1, L, L]
@@ -116,8 +129,10 @@ def _build_layout_cached(plans, num_context, region_shape, device) -> Multimodal
     other_row = (query_kind == VISUAL) | (query_kind == TEXT)
     mask = causal & valid_key & (context_row | other_row)
     mask = mask | (pos[None, :, None] == pos[None, None, :])               # padding rows see themselves
+    row_mask = mask.gather(1, dense_rows.clamp(max=max(L - 1, 0))[:, :, None].expand(B, -1, L))
+    row_mask = torch.where((dense_rows < L)[:, :, None], row_mask, pos[None, None, :] == 0)
     layout = MultimodalLayout(kinds, groups, lengths, gaze, [v for _, _, v in samples], text_rows,
-                              mask[:, None])
+                              mask[:, None], dense_rows, row_mask[:, None])
     return layout.to(device) if device is not None else layout
 
 

@@ -45,6 +45,31 @@ def test_layout_marks_kinds_groups_and_masks():
     gaze_ext.validate_layout(gaze)
 
 
+def test_dense_rows_are_the_non_text_rows_of_the_dense_mask():
+    layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2), ("text", 1)],
+                                      [("visual", 1, 1, 2), ("text", 3)]], num_context=1,
+                                     region_shape=(1, 2, 2))
+    L = layout.seq_len
+    for b in range(2):
+        rows = layout.dense_rows[b]
+        real = rows < L
+        assert rows[real].tolist() == torch.nonzero(layout.kinds[b] != TEXT).flatten().tolist()
+        mask = layout.dense_row_mask[b, 0]
+        assert torch.equal(mask[real], layout.dense_mask[b, 0, rows[real]])
+        assert all(m.nonzero().flatten().tolist() == [0] for m in mask[~real])
+
+
+@pytest.mark.parametrize("sample", [[("visual", 2, 2)], [("text", 3)]], ids=["visual", "text"])
+def test_block_without_text_or_visual_rows(sample):
+    """Batches with no text row (nothing routed) or no visual row (nothing dense)."""
+    model = tiny_model(dtype=torch.float64)
+    gen = generator(3)
+    parts = [torch.randn(2, 2, 8, generator=gen, dtype=torch.float64) if kind == "visual"
+             else torch.tensor([1, 2, 3]) for kind, *_ in sample]
+    x, layout = model.embed_batch([parts])
+    torch.testing.assert_close(model(x, layout, 1), model(x, layout, 1, reference=True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share_kv", [True, False])
 @pytest.mark.parametrize("topk", [None, 1, 2])
