@@ -1,11 +1,11 @@
 // CPU gaze_attention forward and backward.
 //
-// One task per (batch, KV head, query row): the task holds the G query heads
-// of the KV head's group, so each fixed key row (and, with a shared
-// selection, each region key row) is loaded once for all G heads. Keys are
-// gathered in blocks of kKeyBlock positions; the forward keeps a base-2 online
-// softmax per head, the backward recomputes the probabilities from the saved
-// log-sum-exp.
+// Forward: one task per (batch, KV head, query row); backward: one per (batch,
+// KV head, chunk of query rows). A task holds the G query heads of the KV head's
+// group, so each fixed key row (and, with a shared selection, each region key
+// row) is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock
+// positions; the forward keeps a base-2 online softmax per head, the backward
+// recomputes the probabilities from the saved log-sum-exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -172,8 +172,21 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   acc* dv_data = dv_acc.data_ptr<acc>();
   const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
 
-  // One task per (batch, KV head): it alone writes that head's dk/dv rows.
-  at::parallel_for(0, int64_t(S.batch) * S.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One task per (batch, KV head, chunk of query rows). Chunk 0 of a head writes its dk/dv
+  // rows, chunk c > 0 its own copy in `parts`, added in chunk order at the end (no races,
+  // the same sums on every run). Chunks only when there are fewer heads than threads, and
+  // no more than the copies' memory budget allows.
+  const int64_t heads = int64_t(S.batch) * S.kv_heads, head_elems = N * D;
+  constexpr int64_t kPartsBudget = int64_t(256) << 20;  // bytes of dk/dv copies
+  const int64_t affordable = 1 + kPartsBudget / std::max<int64_t>(1, 2 * heads * head_elems * sizeof(acc));
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>({(at::get_num_threads() + heads - 1) / heads, Lq, affordable}));
+  at::Tensor parts;  // [2, chunks - 1, heads, N, D]: dk then dv copies
+  if (chunks > 1) parts = at::zeros({2, chunks - 1, heads, N, D}, dk_acc.options());
+  acc* parts_data = chunks > 1 ? parts.data_ptr<acc>() : nullptr;
+  const int64_t parts_half = (chunks - 1) * heads * head_elems;
+
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> q_raw(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
     std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock), scratch(4 * D);
     std::vector<acc> lse2(G), delta(G);
@@ -182,12 +195,15 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
     acc* dv_rows[kKeyBlock];
     KeyLists lists;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / S.kv_heads;
-      const int32_t hk = static_cast<int32_t>(task % S.kv_heads);
+      const int64_t head = task / chunks, chunk = task % chunks;
+      const int64_t b = head / S.kv_heads;
+      const int32_t hk = static_cast<int32_t>(head % S.kv_heads);
       rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
-      acc* dk_head = dk_data + task * N * D;
-      acc* dv_head = dv_data + task * N * D;
-      for (int32_t i = 0; i < Lq; ++i) {
+      const int64_t copy = ((chunk - 1) * heads + head) * head_elems;
+      acc* dk_head = chunk == 0 ? dk_data + head * head_elems : parts_data + copy;
+      acc* dv_head = chunk == 0 ? dv_data + head * head_elems : parts_data + parts_half + copy;
+      const int32_t i_end = static_cast<int32_t>(Lq * (chunk + 1) / chunks);
+      for (int32_t i = static_cast<int32_t>(Lq * chunk / chunks); i < i_end; ++i) {
         const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
         for (int32_t g = 0; g < G; ++g) {
           const int32_t h = hk * G + g;
@@ -240,6 +256,10 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
       }
     }
   });
+  for (int64_t c = 0; c + 1 < chunks; ++c) {
+    dk_acc.add_(parts[0][c].view(dk_acc.sizes()));
+    dv_acc.add_(parts[1][c].view(dv_acc.sizes()));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> gaze_attention_cpu(
