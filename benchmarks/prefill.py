@@ -57,6 +57,21 @@ def correlated_queries(B, Hq, Lq, D, rho, device, dtype):
     return q.to(dtype)
 
 
+def with_kernel(kernel: str, fn):
+    """fn run with GAZE_ATTENTION_KERNEL=kernel (read by the CUDA ops at each call)."""
+    def run():
+        before = os.environ.get("GAZE_ATTENTION_KERNEL")
+        os.environ["GAZE_ATTENTION_KERNEL"] = kernel
+        try:
+            fn()
+        finally:
+            if before is None:
+                del os.environ["GAZE_ATTENTION_KERNEL"]
+            else:
+                os.environ["GAZE_ATTENTION_KERNEL"] = before
+    return run
+
+
 def union_fraction(idx: torch.Tensor, num_regions: int, positions: int = 16) -> float:
     """Mean share of the regions that a tile of `positions` consecutive queries selects
     together (what a tensor-core tile computes on), over the tiles and selection heads."""
@@ -124,6 +139,11 @@ def run_shape(shape: PrefillShape, device: str):
                 "gaze_shared_fwd_bwd_correlated": lambda: gaze(corr, True),
                 "sdpa_fwd": dense_forward, "gaze_shared_fwd": lambda: forward_only(q, True),
                 "gaze_shared_fwd_correlated": lambda: forward_only(corr, True)}
+    if device == "cuda":  # the tensor-core kernels against the split-K ones, same inputs
+        variants["gaze_shared_fwd_bwd_correlated_split_k"] = with_kernel(
+            "split", lambda: gaze(corr, True))
+        variants["gaze_shared_fwd_correlated_split_k"] = with_kernel(
+            "split", lambda: forward_only(corr, True))
     times = time_variants(variants, device, rounds=5, min_time_s=0.2)
     rows = [dict(variant=n, ms=t * 1e3, speedup=times["sdpa_fwd_bwd"] / t if "bwd" in n
                  else times["sdpa_fwd"] / t) for n, t in times.items()]
