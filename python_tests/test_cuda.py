@@ -92,11 +92,15 @@ def test_skipped_invalid_entries_match_their_removal():
 
 
 @pytest.mark.parametrize("share_kv", [True, False])
-def test_deterministic_backward_repeats_bitwise(share_kv):
+@pytest.mark.parametrize("slots,repeats", [(6, False), (6, True), (300, True)])
+def test_deterministic_backward_repeats_bitwise(share_kv, slots, repeats):
+    """Repeated regions put one key twice in a batch; 300 slots need two splits, which the
+    deterministic kernel runs in order."""
     layout, q, k, v = decode_inputs(2, dtype=torch.float32)
     q = q.expand(-1, -1, 5, -1).contiguous()
     Hs = 2 if share_kv else 8
-    idx = random_selection(generator(3), (2, Hs, 5, 6), layout.num_regions, repeats=False).cuda()
+    idx = random_selection(generator(3), (2, Hs, 5, slots), layout.num_regions,
+                           repeats=repeats).cuda()
 
     def grads():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -202,6 +206,7 @@ TILED_CASES = [
     (2, 12, 2, 20, 350, 64, "kv", True, 20, False),  # G = 6: 10 positions, 4 idle rows
     (1, 4, 1, 90, 500, 128, "q", True, 30, False),   # one selection per query head
     (1, 2, 1, 40, 200, 128, "kv", True, 200, True),  # k >= R: 10 positions (entries bound)
+    (1, 8, 2, 33, 200, 64, "kv", True, 0, False),    # no slots: fixed tokens only
 ]
 
 

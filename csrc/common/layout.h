@@ -50,6 +50,13 @@ struct LayoutView {
     return p[1] > p[0];
   }
   GAZE_HD const int32_t* tokens(int64_t b) const { return region_tokens + b * tokens_batch_stride; }
+  // region_tokens[b, index] with index clamped into [0, T): kernels that find a token
+  // from prefix sums of region sizes stay in bounds even when unchecked, overlapping
+  // spans overflow those sums. Needs T > 0.
+  GAZE_HD int32_t region_token(int64_t b, int32_t index) const {
+    index = index < 0 ? 0 : (index >= num_region_tokens ? num_region_tokens - 1 : index);
+    return tokens(b)[index];
+  }
   GAZE_HD const int32_t* fixed(int64_t b) const { return fixed_tokens + b * fixed_batch_stride; }
   GAZE_HD bool is_region(int32_t r) const {
     return static_cast<uint32_t>(r) < static_cast<uint32_t>(num_regions);

@@ -8,10 +8,9 @@
 //   d. dk += scale dS q and dv += P dO, added to float32 buffers in global memory.
 // By default units and splits run in parallel and step d uses atomics. With
 // torch.use_deterministic_algorithms(True) one block per (batch, KV head) runs
-// that head's units one after the other without splits, so every dk/dv row is
-// summed in the same order on every run (keys listed twice by one query, which
-// the layout contract excludes, are the exception). Sums inside a block never
-// use atomics.
+// that head's units and their splits one after the other, and step d has each
+// thread add one element of every key's dk/dv row in key order, without atomics:
+// every sum happens in the same order on every run, keys listed twice included.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,7 +39,8 @@ struct BackwardShared {
 };
 
 // One split of one unit. `query`, `grad`, `dq` are [NH][D] float in shared memory.
-template <typename T, bool kVec, int NH>
+// kOrdered: the block alone writes this KV head's dk/dv rows (the deterministic kernel).
+template <typename T, bool kVec, int NH, bool kOrdered>
 __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* query,
                               float* grad, float* dq, BackwardShared<T, kVec, NH>& sh) {
   using Chunk = RowChunk<T, kVec>;
@@ -146,26 +146,44 @@ __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* 
       }
     }
 
-    // d. dk, dv rows: one (key, chunk) per thread
-    for (int o = threadIdx.x; o < kKeyBatch * chunks; o += kAttnThreads) {
-      const int j = o / chunks, c = o % chunks;
-      const int32_t pos = sh.positions[j];
-      if (pos < 0) continue;
-      float dk_sum[C] = {}, dv_sum[C] = {};
+    // d. dk, dv rows
+    if constexpr (kOrdered) {  // one element per thread, the batch's keys in order
+      for (int d = threadIdx.x; d < D; d += kAttnThreads) {
+        for (int j = 0; j < kKeyBatch; ++j) {
+          const int32_t pos = sh.positions[j];
+          if (pos < 0) continue;
+          float dk_sum = 0.f, dv_sum = 0.f;
 #pragma unroll
-      for (int h = 0; h < NH; ++h) {
-        const float ds = sh.dscores[h][j] * to_natural, pr = sh.probs[h][j];
-#pragma unroll
-        for (int e = 0; e < C; ++e) {
-          dk_sum[e] += ds * query[h * D + c * C + e];
-          dv_sum[e] += pr * grad[h * D + c * C + e];
+          for (int h = 0; h < NH; ++h) {
+            dk_sum += sh.dscores[h][j] * to_natural * query[h * D + d];
+            dv_sum += sh.probs[h][j] * grad[h * D + d];
+          }
+          const int64_t at = (kv_row0 + pos) * D + d;
+          p.dk[at] += dk_sum;
+          p.dv[at] += dv_sum;
         }
       }
-      const int64_t at = (kv_row0 + pos) * D + int64_t(c) * C;
+    } else {  // one (key, chunk) per thread, atomics
+      for (int o = threadIdx.x; o < kKeyBatch * chunks; o += kAttnThreads) {
+        const int j = o / chunks, c = o % chunks;
+        const int32_t pos = sh.positions[j];
+        if (pos < 0) continue;
+        float dk_sum[C] = {}, dv_sum[C] = {};
 #pragma unroll
-      for (int e = 0; e < C; ++e) {
-        atomicAdd(p.dk + at + e, dk_sum[e]);
-        atomicAdd(p.dv + at + e, dv_sum[e]);
+        for (int h = 0; h < NH; ++h) {
+          const float ds = sh.dscores[h][j] * to_natural, pr = sh.probs[h][j];
+#pragma unroll
+          for (int e = 0; e < C; ++e) {
+            dk_sum[e] += ds * query[h * D + c * C + e];
+            dv_sum[e] += pr * grad[h * D + c * C + e];
+          }
+        }
+        const int64_t at = (kv_row0 + pos) * D + int64_t(c) * C;
+#pragma unroll
+        for (int e = 0; e < C; ++e) {
+          atomicAdd(p.dk + at + e, dk_sum[e]);
+          atomicAdd(p.dv + at + e, dv_sum[e]);
+        }
       }
     }
     __syncthreads();
@@ -194,11 +212,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_backward_kernel(AttnPa
   extern __shared__ __align__(16) float smem[];
   __shared__ BackwardShared<T, kVec, NH> sh;
   const int D = p.shape.head_dim;
-  backward_unit<T, kVec, NH>(p, blockIdx.x / p.splits, int(blockIdx.x % p.splits), smem,
-                             smem + NH * D, smem + 2 * NH * D, sh);
+  backward_unit<T, kVec, NH, false>(p, blockIdx.x / p.splits, int(blockIdx.x % p.splits), smem,
+                                    smem + NH * D, smem + 2 * NH * D, sh);
 }
 
-// Deterministic: block (b, kv head) runs every unit that reads that KV head, in order.
+// Deterministic: block (b, kv head) runs every unit (and split) that reads that KV head,
+// in order.
 template <typename T, bool kVec, int NH>
 __global__ void __launch_bounds__(kAttnThreads) attention_backward_ordered_kernel(AttnParams p) {
   extern __shared__ __align__(16) float smem[];
@@ -214,7 +233,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_backward_ordered_kerne
   for (int hs = hs_begin; hs < hs_end; ++hs) {
     const int64_t first = (b * S.sel_heads + hs) * p.head_chunks * int64_t(S.q_len);
     for (int64_t u = first; u < first + int64_t(p.head_chunks) * S.q_len; ++u) {
-      backward_unit<T, kVec, NH>(p, u, 0, smem, smem + NH * D, smem + 2 * NH * D, sh);
+      for (int split = 0; split < p.splits; ++split) {
+        backward_unit<T, kVec, NH, true>(p, u, split, smem, smem + NH * D, smem + 2 * NH * D, sh);
+      }
     }
   }
 }
@@ -225,7 +246,7 @@ void launch_backward(AttnParams& p, bool vec, bool deterministic, int64_t shared
   auto run = [&](auto kernel, int64_t blocks) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(shared)));
-    kernel<<<dim3(blocks), dim3(kAttnThreads), shared, stream>>>(p);
+    kernel<<<grid_of(blocks, "gaze_attention_backward"), dim3(kAttnThreads), shared, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const int64_t ordered_blocks = int64_t(p.shape.batch) * p.shape.kv_heads;
@@ -265,11 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
     AttnParams p{};
     fill_common(a, p);
     const int NH = plan_attention(a, p, deterministic ? 1 : 16);
-    if (deterministic) {
-      p.splits = 1;
-      p.slots_per_split = std::max(a.shape.topk, 1);
-      TORCH_CHECK(a.shape.topk <= kMaxSlots, "gaze.gaze_attention_backward: deterministic mode ",
-                  "supports up to ", kMaxSlots, " selection slots, got ", a.shape.topk);
+    if (deterministic) {  // as few splits as the slot capacity allows, run in order
+      p.splits = int(std::max<int64_t>(1, ceil_div(a.shape.topk, kMaxSlots)));
+      p.slots_per_split = int(ceil_div(std::max(a.shape.topk, 1), p.splits));
     }
     p.grad_out = args.grad_out.data_ptr();
     p.gs = strides_of(args.grad_out);
@@ -280,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
     p.dv = dv.data_ptr<float>();
     const int64_t D = a.shape.head_dim;
     const int64_t shared = 3 * int64_t(NH) * D * 4;
-    TORCH_CHECK(shared <= 200 * 1024, "gaze.gaze_attention_backward: head dim ", D,
+    TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget),
+                "gaze.gaze_attention_backward: head dim ", D,
                 " is too large for the CUDA kernel");
     const auto stream = c10::cuda::getCurrentCUDAStream();
     dispatch_float_types(q.scalar_type(), "gaze_attention_backward", [&](auto tag) {

@@ -20,6 +20,7 @@ constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kKeyBatch = 32;   // keys scored, normalized and accumulated per step
 constexpr int kMaxSlots = 256;  // selection slots per split (host picks splits to fit)
+constexpr int64_t kStaticSharedBudget = 16 * 1024;  // >= the split-K kernels' static shared memory
 
 struct AttnParams {
   const void* q;     // [B, Hq, Lq, D]
@@ -118,31 +119,34 @@ struct KeyStream {
     }
     __syncthreads();
     if (threadIdx.x < 32) {  // exclusive scan of up to kMaxSlots sizes: 8 per lane
+      // In 64 bits, clamped below 2^31 (unchecked or repeated huge regions could overflow
+      // 32 bits): keys past the clamp are dropped, none is read out of bounds.
       constexpr int kPerLane = kMaxSlots / 32;
+      const int64_t cap = int64_t(0x7FFFFFFF) - 2 * kKeyBatch - num_fixed;
       const int lane = threadIdx.x;
-      int32_t local[kPerLane], sum = 0;
+      int64_t local[kPerLane], sum = 0;
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) {
         const int t = lane * kPerLane + e;
         local[e] = t < num_slots ? region_offset[t] : 0;
         sum += local[e];
       }
-      int32_t inclusive = sum;
+      int64_t inclusive = sum;
 #pragma unroll
       for (int offset = 1; offset < 32; offset *= 2) {
-        const int32_t other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+        const int64_t other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
         if (lane >= offset) inclusive += other;
       }
-      int32_t running = inclusive - sum;
+      int64_t running = inclusive - sum;
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) {
         const int t = lane * kPerLane + e;
-        if (t < num_slots) region_offset[t] = running;
+        if (t < num_slots) region_offset[t] = int32_t(min(running, cap));
         running += local[e];
       }
       if (lane == 31) {
-        region_offset[num_slots] = inclusive;
-        length = num_fixed + inclusive;
+        region_offset[num_slots] = int32_t(min(inclusive, cap));
+        length = num_fixed + region_offset[num_slots];
       }
     }
     __syncthreads();
@@ -161,7 +165,7 @@ struct KeyStream {
         hi = mid - 1;
       }
     }
-    return p.layout.tokens(unit.b)[region_begin[lo] + (w - region_offset[lo])];
+    return p.layout.region_token(unit.b, region_begin[lo] + (w - region_offset[lo]));
   }
 };
 

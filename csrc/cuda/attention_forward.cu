@@ -228,10 +228,10 @@ template <typename T, int NH>
 void launch_forward(AttnParams& p, bool vec, int64_t shared, cudaStream_t stream) {
   auto kernel = vec ? attention_forward_kernel<T, true, NH> : attention_forward_kernel<T, false, NH>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
-  kernel<<<dim3(p.units * p.splits), dim3(kAttnThreads), shared, stream>>>(p);
+  kernel<<<grid_of(p.units * p.splits, "gaze_attention"), dim3(kAttnThreads), shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
-    merge_splits_kernel<T, NH><<<dim3(p.units), dim3(kAttnThreads), 0, stream>>>(p);
+    merge_splits_kernel<T, NH><<<grid_of(p.units, "gaze_attention"), dim3(kAttnThreads), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -300,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
     p.partial_acc = partial.data_ptr<float>();
   }
   const int64_t shared = 2 * int64_t(NH) * a.shape.head_dim * 4;
-  TORCH_CHECK(shared <= 200 * 1024, "gaze.gaze_attention: head dim ", a.shape.head_dim,
+  TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget), "gaze.gaze_attention: head dim ",
+              a.shape.head_dim,
               " is too large for the CUDA kernel");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {

@@ -221,16 +221,16 @@ struct TileBlock {
   // Step 2 for the keys [k0, k0 + kTileKeys): their positions (-1: none) into
   // key_pos, the multiplicities into `weights`, key_seen[j] = some row sees key j.
   // Returns whether any row sees any key; ends with a barrier.
-  __device__ bool step_keys(const TileParams& p, int k0, const int32_t* limits, int32_t* key_pos,
+  __device__ bool step_keys(const TileParams& p, int64_t k0, const int32_t* limits, int32_t* key_pos,
                             int32_t* key_region, int32_t* key_seen) const {
     const LayoutView& layout = p.layout;
     if (threadIdx.x < kTileKeys) {
-      const int e = k0 + threadIdx.x;
+      const int64_t e = k0 + threadIdx.x;
       int32_t pos = -1, region = -1;
       if (e < layout.num_fixed) {
         pos = layout.fixed(b)[e];
       } else if (e < num_keys) {
-        const int w = e - layout.num_fixed;
+        const int w = int(e - layout.num_fixed);
         int lo = 0, hi = num_union - 1;  // the last union region whose first key is <= w
         while (lo < hi) {
           const int mid = (lo + hi + 1) / 2;
@@ -240,7 +240,7 @@ struct TileBlock {
             hi = mid - 1;
           }
         }
-        pos = layout.tokens(b)[union_begin[lo] + (w - union_offset[lo])];
+        pos = layout.region_token(b, union_begin[lo] + (w - union_offset[lo]));
         region = union_id[lo];
       }
       key_pos[threadIdx.x] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
@@ -344,10 +344,10 @@ __device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks
                            pack_pair<T>(probs[2 * ks][2], probs[2 * ks][3]),
                            pack_pair<T>(probs[2 * ks + 1][0], probs[2 * ks + 1][1]),
                            pack_pair<T>(probs[2 * ks + 1][2], probs[2 * ks + 1][3])};
-    const uint16_t* k0 = keys_tile + (ks * 16 + 2 * t4) * kStride + g;  // key 2t4, column g
+    const uint16_t* block = keys_tile + (ks * 16 + 2 * t4) * kStride + g;  // key 2t4, column g
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
-      const uint16_t* kc = k0 + dn * 8;
+      const uint16_t* kc = block + dn * 8;
       const uint32_t bk[2] = {pack_raw_pair(kc[0], kc[kStride]),
                               pack_raw_pair(kc[8 * kStride], kc[9 * kStride])};
       mma_16x8x16<T>(acc[dn], a, bk);
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   float row_max[2] = {kNegInf, kNegInf};
   float row_sum[2] = {0.f, 0.f};  // over this thread's columns; the quad adds up at the end
 
-  for (int k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
+  for (int64_t k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
     if (!tb.step_keys(p, k0, limits, key_pos, key_region, key_seen)) continue;
     tb.gather_keys(p.k, p.ks, key_pos, key_seen, tb.tile_k);
     tb.gather_keys(p.v, p.vs, key_pos, key_seen, tb.tile_v);
@@ -509,7 +509,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
   float dq[D / 8][4] = {};
   const int64_t kv_row0 = (tb.b * S.kv_heads + tb.kv_head) * int64_t(p.layout.num_keys);
 
-  for (int k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
+  for (int64_t k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
     if (!tb.step_keys(p, k0, limits, key_pos, key_region, key_seen)) continue;
     tb.gather_keys(p.k, p.ks, key_pos, key_seen, tb.tile_k);
     tb.gather_keys(p.v, p.vs, key_pos, key_seen, tb.tile_v);
@@ -610,7 +610,8 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
   if (S.head_dim != 64 && S.head_dim != 128) return false;
   const int heads = S.sel_heads == S.kv_heads ? S.group() : 1;
   if (heads > kTileRows || S.topk > kMaxEntries) return false;
-  const int positions = std::min({kTileRows / heads, kMaxEntries / S.topk, S.q_len});
+  const int by_entries = S.topk > 0 ? kMaxEntries / S.topk : kTileRows;  // K = 0: fixed tokens only
+  const int positions = std::min({kTileRows / heads, by_entries, S.q_len});
   if (choice == TiledChoice::kAuto && positions * heads < kMinRowsAuto) return false;
   if (!rows_aligned(a.q) || !rows_aligned(a.k) || !rows_aligned(a.v)) return false;
   p.q = a.q.data_ptr();
@@ -646,7 +647,8 @@ bool launch_tiles(Kernel kernel, const TileParams& p, bool backward) {
   if (shared + int64_t(attributes.sharedSizeBytes) > shared_limit) return false;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
   const int64_t blocks = int64_t(p.shape.batch) * p.shape.sel_heads * p.position_tiles;
-  kernel<<<dim3(unsigned(blocks)), dim3(kTileThreads), shared, c10::cuda::getCurrentCUDAStream()>>>(p);
+  kernel<<<grid_of(blocks, "gaze_attention"), dim3(kTileThreads), shared,
+           c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

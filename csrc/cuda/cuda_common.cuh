@@ -105,7 +105,8 @@ __device__ __forceinline__ T warp_max(T x, int width = 32) {
 }
 
 // Sorts data[0, n) in shared or global memory, n a power of two, with every
-// thread of the block (bitonic network; ends with __syncthreads()). Ascending, or
+// thread of the block (bitonic network; ends with __syncthreads() when n >= 2, so
+// callers need a barrier between writing data and calling it). Ascending, or
 // descending with kDescending.
 template <bool kDescending, typename Key>
 __device__ void block_bitonic_sort(Key* data, int n) {
@@ -173,5 +174,21 @@ inline int multiprocessor_count() {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A 1-D grid of `blocks` thread blocks (CUDA allows up to 2^31 - 1 in x).
+inline dim3 grid_of(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks <= int64_t(0x7FFFFFFF), "gaze.", op, ": the inputs need ", blocks,
+              " thread blocks, more than CUDA's 2^31 - 1; split the batch");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+// Dynamic shared memory a block of the current device may use, leaving `static_bytes`
+// for the kernel's static shared memory.
+inline int64_t dynamic_shared_limit(int64_t static_bytes) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return int64_t(limit) - static_bytes;
+}
 
 }  // namespace gaze::cuda

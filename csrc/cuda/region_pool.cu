@@ -1,6 +1,9 @@
 // CUDA region_pool: one warp per (batch, head, region). Lanes split a key row in
 // 16-byte chunks; when a row needs fewer than 32 lanes the warp reads several
-// tokens at once and sums the partial rows with shuffles at the end.
+// tokens at once and sums the partial rows with shuffles at the end. The backward
+// adds each region's gradient to its tokens with atomics: one add per key element,
+// so repeatable, unless a token is listed in several regions (then the order of its
+// adds varies).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -108,7 +111,7 @@ void launch_region_warps(const at::Tensor& rows, int64_t items, Launch&& launch)
   const int64_t D = rows.size(3);
   const bool vec = rows_vectorizable<T>(rows.data_ptr(), D, {s.batch, s.head, s.row});
   const int lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
-  launch(vec, lanes, dim3(ceil_div(items, kWarpsPerBlock)), dim3(kWarpsPerBlock * 32));
+  launch(vec, lanes, grid_of(ceil_div(items, kWarpsPerBlock), "region_pool"), dim3(kWarpsPerBlock * 32));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

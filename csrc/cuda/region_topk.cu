@@ -248,8 +248,9 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
   TORCH_CHECK(shared <= kSharedBudget, "gaze.region_topk: head dim ", D, " is too large");
   const int64_t scratch_per_row =
       (p.keys_in_shared ? 0 : R * 4) + (p.sort_in_shared ? 0 : int64_t(p.sort_size) * 8);
-  const int64_t rows_per_launch =
-      scratch_per_row == 0 ? rows : std::max<int64_t>(1, std::min(rows, kScratchBudget / scratch_per_row));
+  const int64_t rows_per_launch = std::min<int64_t>(  // a grid holds up to 2^31 - 1 blocks
+      0x7FFFFFFF, scratch_per_row == 0 ? rows
+                                       : std::max<int64_t>(1, std::min(rows, kScratchBudget / scratch_per_row)));
   at::Tensor key_scratch, sort_scratch;
   if (!p.keys_in_shared) {
     key_scratch = at::empty({rows_per_launch, R}, q.options().dtype(at::kInt));
