@@ -89,6 +89,7 @@ struct TileSmemLayout {
   int64_t union_begin;   // int32 [sort_size]: union region's first index into region_tokens
   int64_t union_offset;  // int32 [sort_size]: union region's first key in the union's key list
   int64_t weights;       // uint16 [positions][kTileKeys]: the step's multiplicities
+  int64_t run_counts;    // uint16 [positions][kTileKeys]: multiplicity per run of the step
   int64_t total;
 };
 
@@ -107,9 +108,21 @@ GAZE_HD TileSmemLayout tile_smem_layout(int D, int sort_size, int positions, boo
   s.union_begin = s.union_id + 4 * int64_t(sort_size);
   s.union_offset = s.union_begin + 4 * int64_t(sort_size);
   s.weights = s.union_offset + 4 * int64_t(sort_size);
-  s.total = s.weights + 2 * int64_t(positions) * kTileKeys;
+  s.run_counts = s.weights + 2 * int64_t(positions) * kTileKeys;
+  s.total = s.run_counts + 2 * int64_t(positions) * kTileKeys;
   return s;
 }
+
+// The current step's keys (static shared memory). Consecutive keys of one region
+// form a *run*; multiplicities are looked up once per (position, run).
+struct StepKeys {
+  int32_t pos[kTileKeys];         // -1: no key
+  int32_t region[kTileKeys];      // -1: a fixed token (or no key)
+  int32_t run[kTileKeys];         // the key's run
+  int32_t run_region[kTileKeys];  // region of each run
+  int32_t seen[kTileKeys];        // some row sees the key
+  int32_t num_runs;
+};
 
 // The block's tile and its shared memory.
 template <int D>
@@ -125,6 +138,7 @@ struct TileBlock {
   uint64_t* entries;
   int32_t *union_id, *union_begin, *union_offset;
   uint16_t* weights;
+  uint16_t* run_counts;
   int num_union, num_keys;  // after build_union
 
   __device__ TileBlock(const TileParams& p, unsigned char* smem, bool backward) {
@@ -150,6 +164,7 @@ struct TileBlock {
     union_begin = reinterpret_cast<int32_t*>(smem + L.union_begin);
     union_offset = reinterpret_cast<int32_t*>(smem + L.union_offset);
     weights = reinterpret_cast<uint16_t*>(smem + L.weights);
+    run_counts = reinterpret_cast<uint16_t*>(smem + L.run_counts);
   }
 
   // Row r of the tile in a [B, H, Lq, D] tensor.
@@ -218,14 +233,15 @@ struct TileBlock {
     num_keys = layout.num_fixed + block_exclusive_scan(union_offset, num_union, warp_totals);
   }
 
-  // Step 2 for the keys [k0, k0 + kTileKeys): their positions (-1: none) into
-  // key_pos, the multiplicities into `weights`, key_seen[j] = some row sees key j.
-  // Returns whether any row sees any key; ends with a barrier.
-  __device__ bool step_keys(const TileParams& p, int64_t k0, const int32_t* limits, int32_t* key_pos,
-                            int32_t* key_region, int32_t* key_seen) const {
+  // Step 2 for the keys [k0, k0 + kTileKeys): their positions, regions and runs into
+  // `step`, the multiplicities into `weights`. Returns whether any row sees any key;
+  // ends with a barrier.
+  __device__ bool step_keys(const TileParams& p, int64_t k0, const int32_t* limits,
+                            StepKeys& step) const {
     const LayoutView& layout = p.layout;
-    if (threadIdx.x < kTileKeys) {
-      const int64_t e = k0 + threadIdx.x;
+    const int tid = threadIdx.x;
+    if (tid < kTileKeys) {
+      const int64_t e = k0 + tid;
       int32_t pos = -1, region = -1;
       if (e < layout.num_fixed) {
         pos = layout.fixed(b)[e];
@@ -243,24 +259,43 @@ struct TileBlock {
         pos = layout.region_token(b, union_begin[lo] + (w - union_offset[lo]));
         region = union_id[lo];
       }
-      key_pos[threadIdx.x] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
-      key_region[threadIdx.x] = region;
-      key_seen[threadIdx.x] = 0;
+      step.pos[tid] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
+      step.region[tid] = region;
+      step.seen[tid] = 0;
+    }
+    __syncthreads();
+    if (tid < 32) {  // runs: a key starts one when its region differs from the previous key's
+      int runs = 0;
+#pragma unroll
+      for (int half = 0; half < kTileKeys / 32; ++half) {
+        const int j = half * 32 + tid;
+        const bool starts = j == 0 || step.region[j] != step.region[j - 1];
+        const uint32_t starts_mask = __ballot_sync(0xFFFFFFFFu, starts);
+        const uint32_t up_to_lane = tid == 31 ? 0xFFFFFFFFu : (2u << tid) - 1;
+        const int run = runs + __popc(starts_mask & up_to_lane) - 1;
+        step.run[j] = run;
+        if (starts) step.run_region[run] = step.region[j];
+        runs += __popc(starts_mask);
+      }
+      if (tid == 0) step.num_runs = runs;
+    }
+    __syncthreads();
+    for (int x = tid; x < p.positions * step.num_runs; x += kTileThreads) {
+      const int position = x / step.num_runs, r = x % step.num_runs;
+      const int32_t region = step.run_region[r];
+      run_counts[position * kTileKeys + r] = uint16_t(
+          region < 0 ? 1 : entry_count((uint64_t(position) << 32) | uint32_t(region), p.sort_size));
     }
     __syncthreads();
     int seen = 0;
-    for (int x = threadIdx.x; x < p.positions * kTileKeys; x += kTileThreads) {
+    for (int x = tid; x < p.positions * kTileKeys; x += kTileThreads) {
       const int position = x / kTileKeys, j = x % kTileKeys;
-      const int32_t pos = key_pos[j];
-      int count = 0;
-      if (pos >= 0 && pos <= limits[position]) {
-        count = key_region[j] < 0
-                    ? 1
-                    : entry_count((uint64_t(position) << 32) | uint32_t(key_region[j]), p.sort_size);
-      }
+      const int32_t pos = step.pos[j];
+      const int count = pos >= 0 && pos <= limits[position]
+                            ? run_counts[position * kTileKeys + step.run[j]] : 0;
       weights[x] = uint16_t(count);
       if (count > 0) {
-        key_seen[j] = 1;
+        step.seen[j] = 1;
         seen = 1;
       }
     }
@@ -288,13 +323,13 @@ struct TileBlock {
 
   // Step 3: the seen keys' rows of a [B, Hkv, N, D] tensor into a shared tile
   // (zeros for the others). No barrier.
-  __device__ void gather_keys(const void* src, const Strides4& s, const int32_t* key_pos,
-                              const int32_t* key_seen, uint16_t* dst) const {
+  __device__ void gather_keys(const void* src, const Strides4& s, const StepKeys& step,
+                              uint16_t* dst) const {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
     for (int x = threadIdx.x; x < kTileKeys * kChunks; x += kTileThreads) {
       const int j = x / kChunks, c = x % kChunks;
       uint4 chunk = make_uint4(0, 0, 0, 0);
-      if (key_seen[j]) chunk = __ldg(reinterpret_cast<const uint4*>(base + key_pos[j] * s.row + c * 8));
+      if (step.seen[j]) chunk = __ldg(reinterpret_cast<const uint4*>(base + step.pos[j] * s.row + c * 8));
       *reinterpret_cast<uint4*>(dst + j * kStride + c * 8) = chunk;
     }
   }
@@ -389,7 +424,7 @@ __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const ui
 template <typename T, int D>
 __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(TileParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int32_t key_pos[kTileKeys], key_region[kTileKeys], key_seen[kTileKeys];
+  __shared__ StepKeys step;
   __shared__ int32_t limits[kTileRows];  // causal limit per position (-1: no query)
   __shared__ int32_t warp_totals[kTileWarps];
   TileBlock<D> tb(p, smem, /*backward=*/false);
@@ -405,9 +440,9 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   float row_sum[2] = {0.f, 0.f};  // over this thread's columns; the quad adds up at the end
 
   for (int64_t k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
-    if (!tb.step_keys(p, k0, limits, key_pos, key_region, key_seen)) continue;
-    tb.gather_keys(p.k, p.ks, key_pos, key_seen, tb.tile_k);
-    tb.gather_keys(p.v, p.vs, key_pos, key_seen, tb.tile_v);
+    if (!tb.step_keys(p, k0, limits, step)) continue;
+    tb.gather_keys(p.k, p.ks, step, tb.tile_k);
+    tb.gather_keys(p.v, p.vs, step, tb.tile_v);
     __syncthreads();
 
     if (warp_active) {
@@ -479,7 +514,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
 template <typename T, int D>
 __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(TileParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int32_t key_pos[kTileKeys], key_region[kTileKeys], key_seen[kTileKeys];
+  __shared__ StepKeys step;
   __shared__ int32_t limits[kTileRows];
   __shared__ int32_t warp_totals[kTileWarps];
   TileBlock<D> tb(p, smem, /*backward=*/true);
@@ -510,9 +545,9 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
   const int64_t kv_row0 = (tb.b * S.kv_heads + tb.kv_head) * int64_t(p.layout.num_keys);
 
   for (int64_t k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
-    if (!tb.step_keys(p, k0, limits, key_pos, key_region, key_seen)) continue;
-    tb.gather_keys(p.k, p.ks, key_pos, key_seen, tb.tile_k);
-    tb.gather_keys(p.v, p.vs, key_pos, key_seen, tb.tile_v);
+    if (!tb.step_keys(p, k0, limits, step)) continue;
+    tb.gather_keys(p.k, p.ks, step, tb.tile_k);
+    tb.gather_keys(p.v, p.vs, step, tb.tile_v);
     __syncthreads();
 
     if (warp_active) {
@@ -554,8 +589,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int j = key0 + g + 8 * half;
-        if (!key_seen[j]) continue;
-        float* dst_row = dst + (kv_row0 + key_pos[j]) * D + 2 * t4;
+        if (!step.seen[j]) continue;
+        float* dst_row = dst + (kv_row0 + step.pos[j]) * D + 2 * t4;
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
           atomicAdd(dst_row + dn * 8, grad_keys[dn][2 * half] * factor);
