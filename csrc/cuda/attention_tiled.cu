@@ -89,7 +89,8 @@ struct TileSmemLayout {
   int64_t union_begin;   // int32 [sort_size]: union region's first index into region_tokens
   int64_t union_offset;  // int32 [sort_size]: union region's first key in the union's key list
   int64_t weights;       // uint16 [positions][kTileKeys]: the step's multiplicities
-  int64_t run_counts;    // uint16 [positions][kTileKeys]: multiplicity per run of the step
+  int64_t run_counts;    // uint16 [positions][kTileKeys]: multiplicity per run of the step;
+                         // aliases the V tile, which gather_keys fills only after step_keys
   int64_t total;
 };
 
@@ -108,8 +109,8 @@ GAZE_HD TileSmemLayout tile_smem_layout(int D, int sort_size, int positions, boo
   s.union_begin = s.union_id + 4 * int64_t(sort_size);
   s.union_offset = s.union_begin + 4 * int64_t(sort_size);
   s.weights = s.union_offset + 4 * int64_t(sort_size);
-  s.run_counts = s.weights + 2 * int64_t(positions) * kTileKeys;
-  s.total = s.run_counts + 2 * int64_t(positions) * kTileKeys;
+  s.run_counts = s.v;  // 2 * positions * kTileKeys <= tile bytes: positions <= kTileRows
+  s.total = s.weights + 2 * int64_t(positions) * kTileKeys;
   return s;
 }
 
