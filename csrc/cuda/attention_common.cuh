@@ -19,6 +19,7 @@ namespace gaze::cuda {
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kKeyBatch = 32;   // keys scored, normalized and accumulated per step
+constexpr int kRowsInFlight = 4;  // K/V rows a thread loads before it uses them
 constexpr int kMaxSlots = 256;  // selection slots per split (host picks splits to fit)
 constexpr int64_t kStaticSharedBudget = 16 * 1024;  // >= the split-K kernels' static shared memory
 

@@ -79,24 +79,40 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
     }
     __syncthreads();
 
-    // b. scores: one K row per lane group, all heads at once
-    for (int j = group; j < kKeyBatch; j += groups) {  // same trip count across a warp
-      const int32_t pos = positions[j];
-      float partial[NH] = {};
-      if (pos >= 0) {
-        const T* krow = k + int64_t(pos) * p.ks.row;
-        for (int c = sub; c < chunks; c += p.lanes) {
-          Chunk x;
-          x.load(krow + int64_t(c) * C);
-          dot_chunk_heads<NH, C>(query, D, c, x.v, partial);
+    // b. scores: one K row per lane group, all heads at once; a group loads the chunks of
+    // kRowsInFlight rows before it uses them, so their loads overlap. The trip count is
+    // the same across a warp (kKeyBatch is a multiple of groups, or a warp has no rows).
+    for (int j0 = group; j0 < kKeyBatch; j0 += groups * kRowsInFlight) {
+      int32_t pos[kRowsInFlight];
+      float partial[kRowsInFlight][NH] = {};
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const int j = j0 + u * groups;
+        pos[u] = j < kKeyBatch ? positions[j] : -1;
+      }
+      for (int c = sub; c < chunks; c += p.lanes) {
+        Chunk x[kRowsInFlight];
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) {
+          if (pos[u] >= 0) {
+            x[u].load(k + int64_t(pos[u]) * p.ks.row + int64_t(c) * C);
+          } else {
+            x[u].zero();
+          }
         }
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) dot_chunk_heads<NH, C>(query, D, c, x[u].v, partial[u]);
       }
 #pragma unroll
-      for (int h = 0; h < NH; ++h) partial[h] = warp_sum(partial[h], p.lanes);
-      if (sub == 0) {
+      for (int u = 0; u < kRowsInFlight; ++u) {
 #pragma unroll
-        for (int h = 0; h < NH; ++h) {
-          probs[h][j] = (pos >= 0 && h < unit.num_heads) ? partial[h] : kNegInf;
+        for (int h = 0; h < NH; ++h) partial[u][h] = warp_sum(partial[u][h], p.lanes);
+        const int j = j0 + u * groups;
+        if (sub == 0 && j < kKeyBatch) {
+#pragma unroll
+          for (int h = 0; h < NH; ++h) {
+            probs[h][j] = (pos[u] >= 0 && h < unit.num_heads) ? partial[u][h] : kNegInf;
+          }
         }
       }
     }
@@ -127,14 +143,25 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
       const int h = owner / chunks, c = owner % chunks;
       if (h >= unit.num_heads) continue;
       float sum[C] = {};
-      for (int j = subset; j < kKeyBatch; j += subsets) {
-        const int32_t pos = positions[j];
-        if (pos < 0) continue;
-        Chunk x;
-        x.load(v + int64_t(pos) * p.vs.row + int64_t(c) * C);
-        const float w = probs[h][j];
+      for (int j0 = subset; j0 < kKeyBatch; j0 += subsets * kRowsInFlight) {  // loads overlap
+        Chunk x[kRowsInFlight];
+        float w[kRowsInFlight];
 #pragma unroll
-        for (int e = 0; e < C; ++e) sum[e] += w * x.v[e];
+        for (int u = 0; u < kRowsInFlight; ++u) {
+          const int j = j0 + u * subsets;
+          const int32_t pos = j < kKeyBatch ? positions[j] : -1;
+          w[u] = pos >= 0 ? probs[h][j] : 0.f;
+          if (pos >= 0) {
+            x[u].load(v + int64_t(pos) * p.vs.row + int64_t(c) * C);
+          } else {
+            x[u].zero();
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) {  // keys in ascending order, as before
+#pragma unroll
+          for (int e = 0; e < C; ++e) sum[e] += w[u] * x[u].v[e];
+        }
       }
 #pragma unroll
       for (int e = 0; e < C; ++e) {

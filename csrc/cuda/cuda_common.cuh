@@ -64,6 +64,10 @@ struct RowChunk {
       v[0] = to_float(__ldg(p));
     }
   }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) v[i] = 0.f;
+  }
   __device__ __forceinline__ void store(T* p, float scale) const {
     if constexpr (kVectorized) {
       uint4 raw;
