@@ -179,10 +179,15 @@ __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* 
           }
         }
         const int64_t at = (kv_row0 + pos) * D + int64_t(c) * C;
+        if constexpr (C % 2 == 0) {  // 16-byte chunks: D and `at` are even, pairs aligned
 #pragma unroll
-        for (int e = 0; e < C; ++e) {
-          atomicAdd(p.dk + at + e, dk_sum[e]);
-          atomicAdd(p.dv + at + e, dv_sum[e]);
+          for (int e = 0; e < C; e += 2) {
+            atomic_add_pair(p.dk + at + e, dk_sum[e], dk_sum[e + 1]);
+            atomic_add_pair(p.dv + at + e, dv_sum[e], dv_sum[e + 1]);
+          }
+        } else {
+          atomicAdd(p.dk + at, dk_sum[0]);
+          atomicAdd(p.dv + at, dv_sum[0]);
         }
       }
     }

@@ -594,8 +594,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
         float* dst_row = dst + (kv_row0 + step.pos[j]) * D + 2 * t4;
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
-          atomicAdd(dst_row + dn * 8, grad_keys[dn][2 * half] * factor);
-          atomicAdd(dst_row + dn * 8 + 1, grad_keys[dn][2 * half + 1] * factor);
+          atomic_add_pair(dst_row + dn * 8, grad_keys[dn][2 * half] * factor,
+                          grad_keys[dn][2 * half + 1] * factor);
         }
       }
     }
