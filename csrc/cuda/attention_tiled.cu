@@ -12,9 +12,10 @@
 //   2. The tile's keys are the fixed tokens, then the tokens of the union, in
 //      steps of kTileKeys (step_keys). Each step finds its keys' positions, then
 //      the multiplicity of each key for each position's query: 1 for a fixed
-//      token, the number of times its region was taken for a region token, 0
-//      past the causal limit or outside [0, N). A step that no row sees is
-//      skipped: fixed tokens past the tile's causal limits cost no math.
+//      token, the number of times its region was taken for a region token (looked
+//      up once per run of keys from one region), 0 past the causal limit or
+//      outside [0, N). A step that no row sees is skipped: fixed tokens past the
+//      tile's causal limits cost no matrix math.
 //   3. The step's K and V rows are gathered into shared memory, and each warp
 //      runs its 16 rows against them with mma.sync m16n8k16 (fp16/bf16 in, fp32
 //      accumulate), the multiplicities weighting the softmax.
