@@ -207,6 +207,8 @@ TILED_CASES = [
     (1, 4, 1, 90, 500, 128, "q", True, 30, False),   # one selection per query head
     (1, 2, 1, 40, 200, 128, "kv", True, 200, True),  # k >= R: 10 positions (entries bound)
     (1, 8, 2, 33, 200, 64, "kv", True, 0, False),    # no slots: fixed tokens only
+    (2, 8, 2, 19, 250, 80, "kv", True, 8, False),    # head dims 80 and 96
+    (1, 4, 4, 40, 260, 96, "kv", False, 6, True),
 ]
 
 

@@ -207,8 +207,8 @@ void fill_common(const AttentionArgs& a, AttnParams& p);
 int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits);
 
 // attention_tiled.cu: the tensor-core kernels for many query rows. Each launches
-// and returns true when it applies to these arguments (fp16/bf16, head dim 64 or
-// 128, sm_80+, enough query rows per tile), else returns false.
+// and returns true when it applies to these arguments (fp16/bf16, head dim 64, 80,
+// 96 or 128, sm_80+, enough query rows per tile), else returns false.
 bool run_tiled_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse);
 // dq, dk, dv: float32, contiguous, zero-filled; delta = rowsum(dO * O) - dlse.
 bool run_tiled_backward(const AttentionBackwardArgs& args, const at::Tensor& delta, at::Tensor& dq,

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../common/op_args.h"
 #include "attention_common.cuh"
@@ -644,7 +645,7 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
   const AttentionShape& S = a.shape;
   const at::ScalarType dtype = a.q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  if (S.head_dim != 64 && S.head_dim != 128) return false;
+  if (S.head_dim != 64 && S.head_dim != 80 && S.head_dim != 96 && S.head_dim != 128) return false;
   const int heads = S.sel_heads == S.kv_heads ? S.group() : 1;
   if (heads > kTileRows || S.topk > kMaxEntries) return false;
   const int by_entries = S.topk > 0 ? kMaxEntries / S.topk : kTileRows;  // K = 0: fixed tokens only
@@ -692,12 +693,17 @@ bool launch_tiles(Kernel kernel, const TileParams& p, bool backward) {
 
 template <template <typename, int> class KernelOf>
 bool launch_for_type(const TileParams& p, bool bf16, bool backward) {
-  if (p.shape.head_dim == 64) {
-    return bf16 ? launch_tiles(KernelOf<__nv_bfloat16, 64>::kernel, p, backward)
-                : launch_tiles(KernelOf<__half, 64>::kernel, p, backward);
+  auto launch = [&](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
+    return bf16 ? launch_tiles(KernelOf<__nv_bfloat16, D>::kernel, p, backward)
+                : launch_tiles(KernelOf<__half, D>::kernel, p, backward);
+  };
+  switch (p.shape.head_dim) {
+    case 64: return launch(std::integral_constant<int, 64>{});
+    case 80: return launch(std::integral_constant<int, 80>{});
+    case 96: return launch(std::integral_constant<int, 96>{});
+    default: return launch(std::integral_constant<int, 128>{});
   }
-  return bf16 ? launch_tiles(KernelOf<__nv_bfloat16, 128>::kernel, p, backward)
-              : launch_tiles(KernelOf<__half, 128>::kernel, p, backward);
 }
 
 template <typename T, int D>
