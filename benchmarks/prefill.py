@@ -72,6 +72,27 @@ def with_kernel(kernel: str, fn):
     return run
 
 
+def tile_pairs(idx: torch.Tensor, layout, q_pos: torch.Tensor, rows_per_position: int,
+               positions: int = 16) -> int:
+    """(query row, key) products the tensor-core forward computes: each tile of `positions`
+    queries times the tokens of the union of its regions plus the fixed tokens one of
+    them sees (steps no row sees are skipped)."""
+    sizes = (layout.region_ptr[1:] - layout.region_ptr[:-1]).cpu()
+    fixed = layout.fixed_tokens.cpu()
+    fixed = fixed[fixed >= 0]
+    idx, q_pos = idx.cpu(), q_pos.cpu()
+    B, Hs, Lq, _ = idx.shape
+    pairs = 0
+    for b in range(B):
+        for i0 in range(0, Lq, positions):
+            seen_fixed = int((fixed <= int(q_pos[b, i0:i0 + positions].max())).sum())
+            rows = min(positions, Lq - i0) * rows_per_position
+            for hs in range(Hs):
+                chosen = idx[b, hs, i0:i0 + positions].flatten()
+                pairs += rows * (seen_fixed + int(sizes[chosen[chosen >= 0].unique()].sum()))
+    return pairs
+
+
 def union_fraction(idx: torch.Tensor, num_regions: int, positions: int = 16) -> float:
     """Mean share of the regions that a tile of `positions` consecutive queries selects
     together (what a tensor-core tile computes on), over the tiles and selection heads."""
@@ -154,6 +175,16 @@ def run_shape(shape: PrefillShape, device: str):
                 for name, r in ratios.items()}
     unions = {name: union_fraction(select(query, True), layout.num_regions)
               for name, query in queries.items()}
+    # forward TFLOP/s (4 D per query-key product): dense over every visible key, the
+    # tensor-core forward over its tiles' unions (what it computes, not what is useful)
+    dense_pairs = Hq * B * sum(visual + i + 1 for i in range(Lq))
+    pairs = {"sdpa_fwd": dense_pairs}
+    if device == "cuda":
+        for name, variant in (("iid", "gaze_shared_fwd"), ("correlated", "gaze_shared_fwd_correlated")):
+            pairs[variant] = tile_pairs(select(queries[name], True), layout, q_pos, G)
+    for row in rows:
+        if row["variant"] in pairs:
+            row["TFLOP/s"] = 4 * D * pairs[row["variant"]] / (row["ms"] * 1e-3) / 1e12
     return dict(device=device, shape=asdict(shape), keys=N, regions=layout.num_regions, topk=K,
                 rows=rows, ratio=ratios["iid"], ratios=ratios, union_fraction=unions,
                 correlation=CORRELATION, target=target, verdicts=verdicts, env=environment(device))
@@ -174,7 +205,10 @@ def report(result) -> str:
         "",
         "Environment: " + ", ".join(f"{k}={v}" for k, v in result["env"].items()),
         "",
-        markdown_table(result["rows"], ["variant", "ms", "speedup"]),
+        markdown_table(result["rows"], ["variant", "ms", "speedup", "TFLOP/s"]),
+        "",
+        "TFLOP/s: forward, 4 D per query-key product; dense over every visible key, the "
+        "tensor-core forward (CUDA) over the keys of its tiles' unions.",
         "",
     ]
     for name in ("iid", "correlated"):
