@@ -34,12 +34,12 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and tim
   echo "- nvcc: $(nvcc --version | tail -1)"
 } > "$REPORT"
 
-step build 180 "$OUT/build.log" $PY setup.py build_ext --inplace
+step build 150 "$OUT/build.log" $PY setup.py build_ext --inplace
 step tests 180 "$OUT/tests.log" $PY -m pytest python_tests -q -ra
-step memcheck 100 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
+step memcheck 80 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m benchmarks.sanitize_case
 step decode-benchmark 60 "$OUT/decode.log" $PY -m benchmarks.decode --device cuda --out "$OUT"
-step prefill-benchmark 60 "$OUT/prefill.log" $PY -m benchmarks.prefill --device cuda --out "$OUT"
+step prefill-benchmark 100 "$OUT/prefill.log" $PY -m benchmarks.prefill --device cuda --out "$OUT"
 
 {
   echo "- build: $($PY -c 'import gaze_ext; print(gaze_ext.build_info())' 2>&1 | tail -1)"
