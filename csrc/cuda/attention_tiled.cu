@@ -49,7 +49,12 @@ constexpr int kKeyBlocks = kTileKeys / 8;   // MMA n-blocks of a step
 constexpr int kMaxEntries = 2048;           // positions * topk per block
 constexpr int kRowPad = 8;  // 16-bit elements after each shared row: lanes' rows hit different banks
 constexpr int kProbStride = kTileKeys + kRowPad;  // row stride of the P and dS tiles
-constexpr int kMinRowsAuto = 32;  // fewer rows per tile: the split-K kernels are the better fit
+// By default tiles need kMinRowsAuto rows (one full warp when there are enough tiles to
+// fill the GPU several times over, as with one selection per query head and many slots);
+// with fewer, the split-K kernels are the better fit.
+constexpr int kMinRowsAuto = 32;
+constexpr int kMinRowsManyTiles = 16;
+constexpr int kManyTilesPerSM = 4;
 static_assert(kTileKeys == 4 * 16 && kTileWarps == 4, "the backward gives each warp 16 keys");
 
 struct TileParams {
@@ -650,7 +655,11 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
   if (heads > kTileRows || S.topk > kMaxEntries) return false;
   const int by_entries = S.topk > 0 ? kMaxEntries / S.topk : kTileRows;  // K = 0: fixed tokens only
   const int positions = std::min({kTileRows / heads, by_entries, S.q_len});
-  if (choice == TiledChoice::kAuto && positions * heads < kMinRowsAuto) return false;
+  if (choice == TiledChoice::kAuto && positions * heads < kMinRowsAuto) {
+    const int64_t tiles = int64_t(S.batch) * S.sel_heads * ceil_div(S.q_len, positions);
+    const bool many_tiles = tiles >= int64_t(kManyTilesPerSM) * multiprocessor_count();
+    if (positions * heads < kMinRowsManyTiles || !many_tiles) return false;
+  }
   if (!rows_aligned(a.q) || !rows_aligned(a.k) || !rows_aligned(a.v)) return false;
   p.q = a.q.data_ptr();
   p.k = a.k.data_ptr();
