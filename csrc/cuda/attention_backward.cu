@@ -264,6 +264,21 @@ void launch_backward(AttnParams& p, bool vec, bool deterministic, int64_t shared
   }
 }
 
+}  // namespace
+
+void fill_backward_operands(const AttentionBackwardArgs& args, const at::Tensor& delta,
+                            at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, BackwardOperands& p) {
+  p.grad_out = args.grad_out.data_ptr();
+  p.gs = strides_of(args.grad_out);
+  p.lse_in = args.lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -289,19 +304,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
       return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
     }
     AttnParams p{};
-    fill_common(a, p);
+    fill_operands(a, p);
+    // deterministic: as few splits as the slot capacity allows (the ordered kernel runs them in order)
     const int NH = plan_attention(a, p, deterministic ? 1 : 16);
-    if (deterministic) {  // as few splits as the slot capacity allows, run in order
-      p.splits = int(std::max<int64_t>(1, ceil_div(a.shape.topk, kMaxSlots)));
-      p.slots_per_split = int(ceil_div(std::max(a.shape.topk, 1), p.splits));
-    }
-    p.grad_out = args.grad_out.data_ptr();
-    p.gs = strides_of(args.grad_out);
-    p.lse_in = args.lse.data_ptr<float>();
-    p.delta = delta.data_ptr<float>();
-    p.dq = dq.data_ptr<float>();
-    p.dk = dk.data_ptr<float>();
-    p.dv = dv.data_ptr<float>();
+    fill_backward_operands(args, delta, dq, dk, dv, p);
     const int64_t D = a.shape.head_dim;
     const int64_t shared = 3 * int64_t(NH) * D * 4;
     TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget),

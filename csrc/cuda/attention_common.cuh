@@ -23,7 +23,8 @@ constexpr int kRowsInFlight = 4;  // K/V rows a thread loads before it uses them
 constexpr int kMaxSlots = 256;  // selection slots per split (host picks splits to fit)
 constexpr int64_t kStaticSharedBudget = 16 * 1024;  // >= the split-K kernels' static shared memory
 
-struct AttnParams {
+// The operands of gaze_attention, as every CUDA attention kernel reads them.
+struct AttentionOperands {
   const void* q;     // [B, Hq, Lq, D]
   const void* k;     // [B, Hkv, N, D]
   const void* v;     // [B, Hkv, N, D]
@@ -33,6 +34,26 @@ struct AttnParams {
   const int32_t* q_pos;  // [B, Lq] or null
   AttentionShape shape;
   float score_scale;     // scale * log2(e): scores in base 2
+};
+
+// What the backward kernels read and write besides the operands.
+struct BackwardOperands {
+  const void* grad_out;   // [B, Hq, Lq, D]
+  Strides4 gs;
+  const float* lse_in;    // [B, Hq, Lq]
+  const float* delta;     // [B, Hq, Lq]: rowsum(dO * O) - dlse
+  float* dq;              // [B, Hq, Lq, D] float32, contiguous
+  float* dk;              // [B, Hkv, N, D] float32, contiguous, zero-filled
+  float* dv;              // [B, Hkv, N, D] float32, contiguous, zero-filled
+};
+
+// Host side (attention_forward.cu / attention_backward.cu): fill them from the checked arguments.
+void fill_operands(const AttentionArgs& a, AttentionOperands& p);
+void fill_backward_operands(const AttentionBackwardArgs& args, const at::Tensor& delta,
+                            at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, BackwardOperands& p);
+
+// The split-K kernels' parameters.
+struct AttnParams : AttentionOperands, BackwardOperands {
   int head_chunks;       // query-head chunks per selection head (shared selection, G > NH)
   int splits;
   int slots_per_split;
@@ -44,15 +65,6 @@ struct AttnParams {
   float* lse;             // [B, Hq, Lq], when splits == 1
   float* partial_stats;   // [units, splits, NH, 2] (max, sum), when splits > 1
   float* partial_acc;     // [units, splits, NH, D], when splits > 1
-
-  // backward inputs / outputs
-  const void* grad_out;   // [B, Hq, Lq, D]
-  Strides4 gs;
-  const float* lse_in;    // [B, Hq, Lq]
-  const float* delta;     // [B, Hq, Lq]: rowsum(dO * O) - dlse
-  float* dq;              // [B, Hq, Lq, D] float32
-  float* dk;              // [B, Hkv, N, D] float32
-  float* dv;              // [B, Hkv, N, D] float32
 };
 
 struct Unit {
@@ -201,9 +213,8 @@ __device__ __forceinline__ void add_subset_sums(const float* sums, int owners, i
   }
 }
 
-// Host side (attention_forward.cu): the operands and layout into p, and the
-// work decomposition (units, heads per unit NH, which it returns, and splits).
-void fill_common(const AttentionArgs& a, AttnParams& p);
+// Host side (attention_forward.cu): the work decomposition (units, heads per unit NH,
+// which it returns, and splits).
 int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits);
 
 // attention_tiled.cu: the tensor-core kernels for many query rows. Each launches

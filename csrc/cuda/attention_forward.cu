@@ -286,7 +286,7 @@ int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits) {
   return NH;
 }
 
-void fill_common(const AttentionArgs& a, AttnParams& p) {
+void fill_operands(const AttentionArgs& a, AttentionOperands& p) {
   p.q = a.q.data_ptr();
   p.k = a.k.data_ptr();
   p.v = a.v.data_ptr();
@@ -315,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
   if (run_tiled_forward(a, out, lse)) return {out, lse};
 
   AttnParams p{};
-  fill_common(a, p);
+  fill_operands(a, p);
   const int NH = plan_attention(a, p, 64);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();

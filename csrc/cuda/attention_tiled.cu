@@ -57,16 +57,7 @@ constexpr int kMinRowsManyTiles = 16;
 constexpr int kManyTilesPerSM = 4;
 static_assert(kTileKeys == 4 * 16 && kTileWarps == 4, "the backward gives each warp 16 keys");
 
-struct TileParams {
-  const void* q;  // [B, Hq, Lq, D], rows 16-byte aligned
-  const void* k;  // [B, Hkv, N, D], rows 16-byte aligned
-  const void* v;  // [B, Hkv, N, D], rows 16-byte aligned
-  Strides4 qs, ks, vs;
-  LayoutView layout;
-  const int32_t* idx;    // [B, Hs, Lq, K] contiguous
-  const int32_t* q_pos;  // [B, Lq] or null
-  AttentionShape shape;
-  float score_scale;   // scale * log2(e): scores in base 2
+struct TileParams : AttentionOperands, BackwardOperands {  // q, k, v, grad_out: rows 16-byte aligned
   int positions;       // query positions per tile
   int heads;           // query heads per tile; positions * heads <= kTileRows
   int position_tiles;  // ceil(Lq / positions)
@@ -75,15 +66,6 @@ struct TileParams {
   // forward outputs
   void* out;   // [B, Hq, Lq, D] contiguous, dtype of q
   float* lse;  // [B, Hq, Lq]
-
-  // backward
-  const void* grad_out;  // [B, Hq, Lq, D], rows 16-byte aligned
-  Strides4 gs;
-  const float* lse_in;   // [B, Hq, Lq]
-  const float* delta;    // [B, Hq, Lq]: rowsum(dO * O) - dlse
-  float* dq;             // [B, Hq, Lq, D] float32, contiguous
-  float* dk;             // [B, Hkv, N, D] float32, contiguous, zero-initialized
-  float* dv;             // [B, Hkv, N, D] float32, contiguous, zero-initialized
 };
 
 // Byte offsets of a block's dynamic shared memory.
@@ -346,6 +328,15 @@ struct TileBlock {
   __device__ int weight(int sel, int j) const { return sel >= 0 ? weights[sel * kTileKeys + j] : 0; }
 };
 
+template <int N>
+__device__ __forceinline__ void zero_fragments(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  }
+}
+
 // acc[nb] = rows [row0, row0 + 16) of `rows_tile` times the kTileKeys rows of
 // `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T.
 template <typename T, int D>
@@ -355,11 +346,7 @@ __device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const
   const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const uint32_t* a32 = reinterpret_cast<const uint32_t*>(rows_tile);
   const uint32_t* b32 = reinterpret_cast<const uint32_t*>(keys_tile);
-#pragma unroll
-  for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
-  }
+  zero_fragments(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int w0 = (row0 + g) * kWords + kk * 8 + t4, w1 = w0 + 8 * kWords;
@@ -380,19 +367,16 @@ template <typename T, int D>
 __device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks][4],
                                                  const uint16_t* keys_tile, float (&acc)[D / 8][4]) {
   constexpr int kStride = D + kRowPad;
-  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
 #pragma unroll
   for (int ks = 0; ks < kTileKeys / 16; ++ks) {
     const uint32_t a[4] = {pack_pair<T>(probs[2 * ks][0], probs[2 * ks][1]),
                            pack_pair<T>(probs[2 * ks][2], probs[2 * ks][3]),
                            pack_pair<T>(probs[2 * ks + 1][0], probs[2 * ks + 1][1]),
                            pack_pair<T>(probs[2 * ks + 1][2], probs[2 * ks + 1][3])};
-    const uint16_t* block = keys_tile + (ks * 16 + 2 * t4) * kStride + g;  // key 2t4, column g
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
-      const uint16_t* kc = block + dn * 8;
-      const uint32_t bk[2] = {pack_raw_pair(kc[0], kc[kStride]),
-                              pack_raw_pair(kc[8 * kStride], kc[9 * kStride])};
+      uint32_t bk[2];
+      b_fragment_k_major(keys_tile + ks * 16 * kStride + dn * 8, kStride, bk);
       mma_16x8x16<T>(acc[dn], a, bk);
     }
   }
@@ -405,25 +389,17 @@ template <typename T, int D>
 __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const uint16_t* rows_tile,
                                                 int key0, float (&acc)[D / 8][4]) {
   constexpr int kStride = D + kRowPad;
-  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[dn][e] = 0.f;
-  }
+  zero_fragments(acc);
 #pragma unroll
   for (int ks = 0; ks < kTileRows / 16; ++ks) {
-    const uint16_t* m = by_row + (ks * 16 + 2 * t4) * kProbStride + key0 + g;  // row 2t4, key g
-    const uint32_t a[4] = {pack_raw_pair(m[0], m[kProbStride]),
-                           pack_raw_pair(m[8], m[kProbStride + 8]),
-                           pack_raw_pair(m[8 * kProbStride], m[9 * kProbStride]),
-                           pack_raw_pair(m[8 * kProbStride + 8], m[9 * kProbStride + 8])};
-    const uint16_t* r0 = rows_tile + (ks * 16 + 2 * t4) * kStride + g;  // row 2t4, column g
+    uint32_t lo[2], hi[2];  // keys key0 + g and key0 + g + 8 (by_row is the transposed A)
+    b_fragment_k_major(by_row + ks * 16 * kProbStride + key0, kProbStride, lo);
+    b_fragment_k_major(by_row + ks * 16 * kProbStride + key0 + 8, kProbStride, hi);
+    const uint32_t a[4] = {lo[0], hi[0], lo[1], hi[1]};
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
-      const uint16_t* rc = r0 + dn * 8;
-      const uint32_t br[2] = {pack_raw_pair(rc[0], rc[kStride]),
-                              pack_raw_pair(rc[8 * kStride], rc[9 * kStride])};
+      uint32_t br[2];
+      b_fragment_k_major(rows_tile + ks * 16 * kStride + dn * 8, kStride, br);
       mma_16x8x16<T>(acc[dn], a, br);
     }
   }
@@ -661,17 +637,7 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
     if (positions * heads < kMinRowsManyTiles || !many_tiles) return false;
   }
   if (!rows_aligned(a.q) || !rows_aligned(a.k) || !rows_aligned(a.v)) return false;
-  p.q = a.q.data_ptr();
-  p.k = a.k.data_ptr();
-  p.v = a.v.data_ptr();
-  p.qs = strides_of(a.q);
-  p.ks = strides_of(a.k);
-  p.vs = strides_of(a.v);
-  p.layout = a.layout.view(a.num_keys);
-  p.idx = a.idx.data_ptr<int32_t>();
-  p.q_pos = a.q_pos.defined() ? a.q_pos.data_ptr<int32_t>() : nullptr;
-  p.shape = S;
-  p.score_scale = static_cast<float>(a.scale) * kLog2e;
+  fill_operands(a, p);
   p.positions = positions;
   p.heads = heads;
   p.position_tiles = int(ceil_div(S.q_len, positions));
@@ -738,13 +704,7 @@ bool run_tiled_backward(const AttentionBackwardArgs& args, const at::Tensor& del
                         at::Tensor& dk, at::Tensor& dv) {
   TileParams p{};
   if (!plan_tiles(args.fwd, p) || !rows_aligned(args.grad_out)) return false;
-  p.grad_out = args.grad_out.data_ptr();
-  p.gs = strides_of(args.grad_out);
-  p.lse_in = args.lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr<float>();
-  p.dk = dk.data_ptr<float>();
-  p.dv = dv.data_ptr<float>();
+  fill_backward_operands(args, delta, dq, dk, dv, p);
   return launch_for_type<BackwardKernelOf>(p, args.fwd.q.scalar_type() == at::kBFloat16, true);
 }
 

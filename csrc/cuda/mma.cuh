@@ -70,4 +70,16 @@ __device__ __forceinline__ uint32_t pack_raw_pair(uint16_t lo, uint16_t hi) {
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
+// The B fragment of a 16 x 8 (k x n) block stored k-major in shared memory: element
+// (k, n) at base[k * stride + n]. Lane (g, t) takes column g, rows 2t, 2t+1 and 2t+8, 2t+9.
+// (An A fragment of a block stored transposed, element (m, k) at base[k * stride + m], is
+// two of these: columns m and m + 8.)
+__device__ __forceinline__ void b_fragment_k_major(const uint16_t* base, int stride,
+                                                   uint32_t (&b)[2]) {
+  const int lane = threadIdx.x % 32;
+  const uint16_t* p = base + (2 * (lane % 4)) * stride + lane / 4;
+  b[0] = pack_raw_pair(p[0], p[stride]);
+  b[1] = pack_raw_pair(p[8 * stride], p[9 * stride]);
+}
+
 }  // namespace gaze::cuda
