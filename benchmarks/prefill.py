@@ -72,37 +72,28 @@ def with_kernel(kernel: str, fn):
     return run
 
 
-def tile_pairs(idx: torch.Tensor, layout, q_pos: torch.Tensor, rows_per_position: int,
-               positions: int = 16) -> int:
-    """(query row, key) products the tensor-core forward computes: each tile of `positions`
-    queries times the tokens of the union of its regions plus the fixed tokens one of
-    them sees (steps no row sees are skipped)."""
+def tile_work(idx: torch.Tensor, layout, q_pos: torch.Tensor, rows_per_position: int,
+              positions: int = 16):
+    """What tiles of `positions` consecutive queries (the tensor-core kernels' tiles) work on:
+    the mean share of the regions their selections cover together, and the (query row, key)
+    products of the forward: rows times the union's tokens plus the fixed tokens one of the
+    tile's queries sees (steps no row sees are skipped)."""
     sizes = (layout.region_ptr[1:] - layout.region_ptr[:-1]).cpu()
     fixed = layout.fixed_tokens.cpu()
     fixed = fixed[fixed >= 0]
     idx, q_pos = idx.cpu(), q_pos.cpu()
     B, Hs, Lq, _ = idx.shape
-    pairs = 0
+    fractions, pairs = [], 0
     for b in range(B):
         for i0 in range(0, Lq, positions):
             seen_fixed = int((fixed <= int(q_pos[b, i0:i0 + positions].max())).sum())
             rows = min(positions, Lq - i0) * rows_per_position
             for hs in range(Hs):
                 chosen = idx[b, hs, i0:i0 + positions].flatten()
-                pairs += rows * (seen_fixed + int(sizes[chosen[chosen >= 0].unique()].sum()))
-    return pairs
-
-
-def union_fraction(idx: torch.Tensor, num_regions: int, positions: int = 16) -> float:
-    """Mean share of the regions that a tile of `positions` consecutive queries selects
-    together (what a tensor-core tile computes on), over the tiles and selection heads."""
-    B, Hs, Lq, K = idx.shape
-    fractions = []
-    for i0 in range(0, Lq - positions + 1, positions):
-        tile = idx[:, :, i0:i0 + positions].reshape(B * Hs, -1)
-        for row in tile:
-            fractions.append((row[row >= 0].unique().numel()) / num_regions)
-    return sum(fractions) / max(len(fractions), 1)
+                union = chosen[chosen >= 0].unique()
+                fractions.append(union.numel() / max(layout.num_regions, 1))
+                pairs += rows * (seen_fixed + int(sizes[union].sum()))
+    return sum(fractions) / max(len(fractions), 1), pairs
 
 
 def run_shape(shape: PrefillShape, device: str):
@@ -173,15 +164,14 @@ def run_shape(shape: PrefillShape, device: str):
     target = TARGET[device]
     verdicts = {name: "n/a" if target is None else ("PASS" if r >= target else "MISS")
                 for name, r in ratios.items()}
-    unions = {name: union_fraction(select(query, True), layout.num_regions)
-              for name, query in queries.items()}
+    work = {name: tile_work(select(query, True), layout, q_pos, G) for name, query in queries.items()}
+    unions = {name: fraction for name, (fraction, _) in work.items()}
     # forward TFLOP/s (4 D per query-key product): dense over every visible key, the
     # tensor-core forward over its tiles' unions (what it computes, not what is useful)
-    dense_pairs = Hq * B * sum(visual + i + 1 for i in range(Lq))
-    pairs = {"sdpa_fwd": dense_pairs}
+    pairs = {"sdpa_fwd": Hq * B * sum(visual + i + 1 for i in range(Lq))}
     if device == "cuda":
-        for name, variant in (("iid", "gaze_shared_fwd"), ("correlated", "gaze_shared_fwd_correlated")):
-            pairs[variant] = tile_pairs(select(queries[name], True), layout, q_pos, G)
+        pairs["gaze_shared_fwd"] = work["iid"][1]
+        pairs["gaze_shared_fwd_correlated"] = work["correlated"][1]
     for row in rows:
         if row["variant"] in pairs:
             row["TFLOP/s"] = 4 * D * pairs[row["variant"]] / (row["ms"] * 1e-3) / 1e12
