@@ -48,6 +48,8 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(GAZE_CUDA_SIM)
+  ::gaze_sim::mma_16x8x16<T>(d, a, b);  // the CPU emulator of the tests
 #else
   __trap();  // never launched: the host checks the binary's architecture
 #endif

@@ -1,0 +1,108 @@
+"""Builds gaze_sim: the package's CUDA sources compiled as C++ against a CPU
+emulator of the CUDA execution model (csrc/cuda_sim/gaze_sim.h), so the kernels'
+indexing, synchronisation and tensor-core fragment arithmetic run in the tests of a
+machine without a GPU. Its ops are torch.ops.gaze_sim.<op> with the CUDA ops'
+arguments (all positional) on CPU tensors.
+
+Each source is rewritten a little on the way:
+- `kernel<<<grid, block, shared, stream>>>(args)` -> `gaze_sim::Launch(grid, block,
+  shared, stream).run(kernel, args)`;
+- `extern __shared__ T name[];` -> a pointer to the launch's dynamic shared memory;
+- every kernel first records its name (torch.ops.gaze_sim.take_launched_kernels());
+- `TORCH_LIBRARY_IMPL(gaze, CUDA, m) { m.impl(...) }` -> definitions of gaze_sim ops;
+- index contents are checked as on a GPU: only under GAZE_CHECK_INDICES=1.
+"""
+import os
+import pathlib
+import re
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_sim"
+
+LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(?P<config>.*?)>>>\(", re.S)
+DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w: ]+?)\s+(?P<name>\w+)\[\];")
+KERNEL_BODY = re.compile(r"(__global__[^{;]*\{)")
+REGISTRATION = "TORCH_LIBRARY_IMPL(gaze, CUDA, m)"
+CPU_ALWAYS_CHECKS = "  if (device.is_cpu()) return true;\n"
+
+
+def cuda_include_dir():
+    from torch.utils.cpp_extension import CUDA_HOME
+    for home in (CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (pathlib.Path(home) / "include" / "cuda_runtime.h").exists():
+            return pathlib.Path(home) / "include"
+    return None
+
+
+def available():
+    return cuda_include_dir() is not None
+
+
+def rewrite(text, name):
+    text, launches = LAUNCH.subn(
+        lambda m: f"::gaze_sim::Launch({m['config']}).run({m['kernel']}, ", text)
+    text = KERNEL_BODY.sub(r"\1 ::gaze_sim::note_kernel(__PRETTY_FUNCTION__);", text)
+    text = DYNAMIC_SHARED.sub(
+        lambda m: f"{m['type']}* const {m['name']} = ::gaze_sim::dynamic_shared<{m['type']}>();",
+        text)
+    if REGISTRATION in text:
+        head, registration = text.split(REGISTRATION)
+        text = head + "TORCH_LIBRARY_FRAGMENT(gaze_sim, m)" + registration.replace("m.impl(", "m.def(")
+    assert "<<<" not in text and "extern __shared__" not in text, f"{name}: not fully rewritten"
+    return text
+
+
+def write_if_changed(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def sanitizer_library():
+    """GCC's AddressSanitizer runtime, which a sanitized build needs preloaded."""
+    found = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = found.stdout.strip()
+    return path if found.returncode == 0 and os.path.isabs(path) else None
+
+
+def build(verbose=False, sanitize=False):
+    """Compiles (or reuses) gaze_sim and loads its ops into this process. sanitize: with
+    AddressSanitizer (the process must have sanitizer_library() preloaded), so every read
+    and write of the kernels is bounds-checked: a memcheck without a GPU."""
+    from torch.utils.cpp_extension import load
+    include = cuda_include_dir()
+    assert include is not None, "gaze_sim needs the CUDA headers (cuda_runtime.h)"
+    src = BUILD / "src"
+    sources = []
+    for path in sorted((CSRC / "cuda").iterdir()):
+        rewritten = rewrite(path.read_text(), path.name)
+        if path.suffix == ".cu":
+            target = src / "cuda" / (path.stem + ".cpp")
+            sources.append(target)
+        else:
+            target = src / "cuda" / path.name
+        write_if_changed(target, rewritten)
+    for path in sorted((CSRC / "common").iterdir()):
+        text = path.read_text()
+        if path.name == "checks.cpp":
+            assert CPU_ALWAYS_CHECKS in text, "checks.cpp: index_contents_checked changed"
+            text = text.replace(CPU_ALWAYS_CHECKS, "")
+        write_if_changed(src / "common" / path.name, text)
+    sources += [src / "common" / "op_args.cpp", src / "common" / "checks.cpp",
+                CSRC / "cuda_sim" / "gaze_sim.cpp"]
+    flags = ["-O1", "-std=c++20", "-DGAZE_CUDA_SIM", "-include", str(CSRC / "cuda_sim" / "gaze_sim.h")]
+    sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    name = "gaze_cuda_sim_asan" if sanitize else "gaze_cuda_sim"
+    objects = BUILD / name
+    objects.mkdir(parents=True, exist_ok=True)
+    load(name=name, sources=[str(s) for s in sources], extra_cflags=flags + sanitizer,
+         extra_ldflags=sanitizer,
+         extra_include_paths=[str(CSRC / "cuda_sim" / "include"), str(include)],
+         build_directory=str(objects), is_python_module=False, verbose=verbose)
+
+
+if __name__ == "__main__":
+    build(verbose=True)
