@@ -1,0 +1,270 @@
+"""The CUDA kernels, run on the CPU by gaze_sim (python_tests/cuda_sim.py), against the
+CPU kernels and the reference. On a machine without a GPU this is what checks the CUDA
+code's indexing, its barriers and warp collectives, its split-K merge, its key-stream
+scan and the tensor-core kernels' tiles, unions and mma.sync fragments. (What it cannot
+check: speed, races between blocks, and rounding inside the real mma units.)"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cuda_sim
+import gaze_ext
+from gaze_ext import ops, reference
+from helpers import (DTYPES, atol_for, error_bound_check, generator, high_precision,
+                     q_positions, random_batch_layout, random_selection, random_tensor)
+from test_cuda import TILED_CASES
+
+pytestmark = pytest.mark.skipif(not cuda_sim.available(), reason="needs the CUDA headers")
+
+
+SANITIZED = os.environ.get("GAZE_SIM_SANITIZE") == "1"  # set by test_under_address_sanitizer
+
+
+@pytest.fixture(scope="module")
+def built():
+    cuda_sim.build(sanitize=SANITIZED)
+
+
+@pytest.fixture
+def sim(built):
+    torch.ops.gaze_sim.take_launched_kernels()  # forget earlier tests' launches
+    return torch.ops.gaze_sim
+
+
+def launched(sim):
+    """The kernels run since the last call, by function name."""
+    names = [s.split("(")[0].split()[-1].split("::")[-1] for s in sim.take_launched_kernels()]
+    return {n.split("<")[0] for n in names}
+
+
+def aligned_tensor(gen, shape, dtype, strided):
+    """As test_cuda.aligned_tensor, on the CPU: rows 16-byte aligned even when strided."""
+    if not strided:
+        return torch.randn(shape, generator=gen).to(dtype)
+    B, H, L, D = shape
+    return torch.randn(B, L, H, D + 8, generator=gen).to(dtype)[..., :D].transpose(1, 2)
+
+
+def assert_scores_equal(got, want):
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------- region_pool
+
+def overlapping_layout():
+    """Regions that share tokens, an empty region and a one-token region."""
+    ptr = torch.tensor([0, 4, 4, 9, 10], dtype=torch.int32)
+    tokens = torch.tensor([0, 1, 2, 3, 2, 3, 4, 5, 6, 11], dtype=torch.int32)
+    return gaze_ext.layout.GazeLayout(ptr, tokens, torch.tensor([3, 0, 6, 11], dtype=torch.int32),
+                                      torch.tensor([7, 8, -1], dtype=torch.int32), 12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,strided", [(64, False), (128, True), (8, "last"), (7, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_region_pool_and_its_backward_match_cpu(sim, dtype, head_dim, strided, seed):
+    gen = generator(100 + seed)
+    B, H, N = 2, 3, 90
+    layout = overlapping_layout() if seed == 1 else random_batch_layout(gen, B, N, max_regions=12)
+    N = layout.num_keys
+    keys = random_tensor(gen, (B, H, N, head_dim), dtype, "cpu", strided)
+    lay = (layout.region_ptr, layout.region_tokens)
+    got = sim.region_pool(keys, *lay)
+    assert launched(sim) == {"pool_kernel"}
+    torch.testing.assert_close(got, ops.region_pool(keys, *lay), atol=atol_for(dtype), rtol=1e-3)
+    grad = random_tensor(gen, tuple(got.shape), dtype, "cpu", strided)
+    got = sim.region_pool_backward(grad, *lay, N)
+    assert launched(sim) == {"pool_backward_kernel"}
+    want = torch.ops.gaze.region_pool_backward(grad, *lay, N)
+    torch.testing.assert_close(got, want, atol=atol_for(dtype), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- region_topk
+
+@pytest.mark.parametrize("share_kv", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 40, 1000])
+def test_region_topk_matches_cpu(sim, share_kv, causal, k):
+    """Small integer values, so many scores tie and the tie rule decides; k beyond R."""
+    gen = generator(200 + k)
+    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 3, 300, 16
+    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=10)
+    q = torch.randint(-2, 3, (B, Hq, Lq, D), generator=gen).float()
+    desc = torch.randint(-2, 3, (B, Hkv, layout.num_regions, D), generator=gen).float()
+    pos = (q_positions(gen, B, Lq, N), layout.region_pos) if causal else (None, None)
+    args = (q, desc, layout.region_ptr, k, share_kv, *pos)
+    got, want = sim.region_topk(*args), ops.region_topk(*args)
+    assert launched(sim) == {"topk_kernel"}
+    assert torch.equal(got[0], want[0])
+    assert_scores_equal(got[1], want[1])
+
+
+def test_region_topk_scratch_paths_match_cpu(sim):
+    """Keys and sort buffer past shared memory go to global scratch (test_cuda's case)."""
+    gen = generator(4)
+    R, D = 30000, 8
+    ptr = torch.arange(R + 1, dtype=torch.int32)
+    q = torch.randint(-3, 4, (1, 2, 2, D), generator=gen).float()
+    desc = torch.randint(-3, 4, (1, 2, R, D), generator=gen).float()
+    for k in (300, 16000):
+        got = sim.region_topk(q, desc, ptr, k, False, None, None)
+        want = ops.region_topk(q, desc, ptr, k, False)
+        assert torch.equal(got[0], want[0])
+        assert_scores_equal(got[1], want[1])
+
+
+# ---------------------------------------------------------- gaze_attention, split-K kernels
+
+SPLIT_CASES = [
+    # B, Hq, Hkv, Lq, N, D, selection heads, causal, k, strided
+    (2, 8, 2, 1, 300, 128, "kv", False, 8, False),     # decode, G = 4
+    (1, 8, 1, 2, 400, 64, "kv", True, 20, True),       # G = 8, strided
+    (2, 4, 4, 3, 250, 96, "q", True, 6, False),        # per-head selection
+    (1, 6, 2, 1, 6000, 64, "kv", False, 700, False),   # many slots: several splits, merged
+    (1, 2, 1, 2, 300, 256, "q", False, 5, False),      # head dim 256
+    (1, 2, 2, 2, 200, 40, "kv", True, 0, "last"),      # no slots; D = 40; unit-stride-free rows
+]
+
+
+def split_case(case, dtype):
+    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = SPLIT_CASES[case]
+    gen = generator(300 + case)
+    if N > 1000:
+        layout = gaze_ext.build_layout([(0, 40, 12, 12)], N, region_shape=(1, 2, 3))
+    else:
+        layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=12)
+    Hs = Hkv if sel == "kv" else Hq
+    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N) if causal else None
+    qkv = [random_tensor(gen, s, dtype, "cpu", strided)
+           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.3)
+    return gen, qkv, args
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_split_kernels_match_cpu(sim, monkeypatch, dtype, case, deterministic):
+    """Forward (with its split merge) and backward (atomic, or ordered when deterministic)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    gen, qkv, args = split_case(case, dtype)
+    got = sim.gaze_attention(*qkv, *args)
+    forward_kernels = launched(sim)
+    assert "attention_forward_kernel" in forward_kernels
+    out, lse = ops.gaze_attention(*qkv, *args)
+    tol = dict(atol=atol_for(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-5)
+    torch.testing.assert_close(got[0], out, **tol)
+    torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
+
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    backward_args = (grad, None, *qkv, out, lse, *args)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = sim.gaze_attention_backward(*backward_args)
+        if deterministic:  # the threads run in another order, the result is the same
+            again = sim.gaze_attention_backward(*backward_args)
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    kernel = "attention_backward_ordered_kernel" if deterministic else "attention_backward_kernel"
+    assert launched(sim) == {kernel}
+    want = torch.ops.gaze.gaze_attention_backward(*backward_args)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        scale = w.float().abs().max().item() + 1.0
+        torch.testing.assert_close(g.float(), w.float(), atol=atol_for(dtype) * scale,
+                                   rtol=1e-2 if dtype != torch.float32 else 1e-4, msg=name)
+
+
+def test_skipped_invalid_entries_match_their_removal(sim):
+    """Unchecked, out-of-range slots and fixed positions are skipped, never read."""
+    gen = generator(7)
+    B, Hq, Hkv, N, D = 2, 4, 2, 200, 64
+    layout = gaze_ext.build_layout([(0, 1, 12, 12)], N)
+    R = layout.num_regions
+    q, k, v = (torch.randn(s, generator=gen) for s in ((B, Hq, 1, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    idx = torch.tensor([0, R + 3, 2, -7, 3], dtype=torch.int32).expand(B, Hkv, 1, 5).contiguous()
+    fixed = torch.cat([layout.fixed_tokens, torch.tensor([N + 9, -5], dtype=torch.int32)])
+    got = sim.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens, fixed, idx, None, 0.125)
+    clean = torch.tensor([0, 2, 3], dtype=torch.int32).expand(B, Hkv, 1, 3).contiguous()
+    want = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                              layout.fixed_tokens, clean, None, 0.125)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+# ---------------------------------------------------------- gaze_attention, tensor cores
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(TILED_CASES)))
+def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
+    """test_cuda's tensor-core cases: ragged tiles, G not dividing 64, per-head selection,
+    k >= R, no slots, head dims 80/96, strided aligned inputs, queries that see nothing."""
+    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
+    gen = generator(2000 + case)
+    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
+    Hs = Hkv if sel == "kv" else Hq
+    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N) if causal else None
+    qkv = [aligned_tensor(gen, s, dtype, strided)
+           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.2)
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
+    out, lse = sim.gaze_attention(*qkv, *args)
+    assert torch.equal(out, sim.gaze_attention(*qkv, *args)[0])  # whatever the thread order
+    assert launched(sim) == {"attention_forward_tiled_kernel"}
+
+    hp = high_precision(dtype)
+    ref = [t.to(hp).requires_grad_() for t in qkv]
+    same = [t.clone().requires_grad_() for t in qkv]
+    ref_out, ref_lse = reference.gaze_attention(*ref, *args)
+    same_out, _ = reference.gaze_attention(*same, *args, compute_dtype=dtype)
+    error_bound_check("out", out, ref_out.detach(), same_out.detach(), 2.0, atol_for(dtype))
+    torch.testing.assert_close(lse, ref_lse.detach().float(), atol=1e-3, rtol=1e-4)
+
+    grad = torch.randn(out.shape, generator=gen)
+    grads = sim.gaze_attention_backward(grad.to(dtype), None, *qkv, out, lse, *args)
+    assert launched(sim) == {"attention_backward_tiled_kernel"}
+    (ref_out * grad.to(hp)).sum().backward()
+    (same_out.float() * grad).sum().backward()
+    for name, got, r, s in zip("qkv", grads, ref, same):
+        error_bound_check(f"d{name}", got, r.grad, s.grad, 3.0, atol_for(dtype))
+
+
+def test_auto_choice_of_kernels(sim, monkeypatch):
+    """By default a prefill tile of 64 rows runs on tensor cores, a decode step split-K."""
+    monkeypatch.delenv("GAZE_ATTENTION_KERNEL", raising=False)
+    gen = generator(8)
+    B, Hq, Hkv, N, D = 1, 8, 2, 400, 128
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    kv = [torch.randn(B, Hkv, N, D, generator=gen).bfloat16() for _ in range(2)]
+    lay = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens)
+    for Lq, kernel in ((64, "attention_forward_tiled_kernel"), (1, "attention_forward_kernel")):
+        q = torch.randn(B, Hq, Lq, D, generator=gen).bfloat16()
+        idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
+        sim.gaze_attention(q, *kv, *lay, idx, None, 0.1)
+        assert kernel in launched(sim)
+
+
+# ---------------------------------------------------------------------------- memcheck
+
+@pytest.mark.skipif(SANITIZED or cuda_sim.sanitizer_library() is None,
+                    reason="inside the sanitized run, or no AddressSanitizer runtime")
+def test_under_address_sanitizer(built):
+    """Every test above again, with gaze_sim built with AddressSanitizer: any read or
+    write of a kernel outside a tensor, the dynamic shared memory or a __shared__ array
+    fails the run (compute-sanitizer's memcheck, on the CPU)."""
+    libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True,
+                               text=True).stdout.strip()
+    env = dict(os.environ, GAZE_SIM_SANITIZE="1", ASAN_OPTIONS="detect_leaks=0",
+               # the runtime first; libstdc++ so that it finds __cxa_throw
+               LD_PRELOAD=f"{cuda_sim.sanitizer_library()} {libstdcxx}")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-s", "-p", "no:cacheprovider",
+         "-k", "not test_under_address_sanitizer"],
+        env=env, capture_output=True, text=True, cwd=cuda_sim.ROOT)
+    report = run.stdout[-3000:] + run.stderr[-6000:]
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, report
