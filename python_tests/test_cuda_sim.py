@@ -249,6 +249,62 @@ def test_auto_choice_of_kernels(sim, monkeypatch):
         assert kernel in launched(sim)
 
 
+# ------------------------------------------------------------ corrupted index contents
+
+def corrupted(layout, N, seed):
+    """The layout's tensors with contents the ops check only under GAZE_CHECK_INDICES:
+    tokens out of range, a fixed position past N, and (seed 1) region spans that run
+    backwards and past the token list."""
+    ptr, tokens = layout.region_ptr.clone(), layout.region_tokens.clone()
+    tokens[0, 3], tokens[-1, 1] = N + 11, -4
+    fixed = torch.cat([layout.fixed_tokens, torch.full((ptr.shape[0], 1), N + 3, dtype=torch.int32)], 1)
+    if seed == 1:
+        ptr[0, 2], ptr[-1, -1] = ptr[0, 1] - 2, tokens.shape[1] + 40
+    return ptr, tokens, fixed
+
+
+@pytest.mark.parametrize("seed,dtype,D,strided", [(0, torch.float32, 40, True), (1, torch.bfloat16, 64, False),
+                                                  (0, torch.float16, 128, False), (1, torch.float32, 7, False)])
+def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, dtype, D, strided):
+    """sanitize_case.py's corruptions, on every kernel (the sanitized rerun is the check;
+    here the outputs must stay finite where a query sees a key)."""
+    gen = generator(500 + seed)
+    N, B, Hq, Hkv, Lq = 200, 2, 8, 2, 20
+    layout = gaze_ext.build_batch_layout([([(0, 1, 9, 9)], 120), ([(10, 2, 5, 7)], N)],
+                                         region_shape=(1, 3, 3))
+    ptr, tokens, fixed = corrupted(layout, N, seed)
+    R = layout.num_regions
+    q = random_tensor(gen, (B, Hq, Lq, D), dtype, "cpu", strided)
+    k, v = (random_tensor(gen, (B, Hkv, N, D), dtype, "cpu", strided) for _ in range(2))
+    desc = sim.region_pool(k, ptr, tokens)
+    sim.region_pool_backward(torch.ones_like(desc), ptr, tokens, N)
+    q_pos = torch.randint(-1, N + 1, (B, Lq), generator=gen, dtype=torch.int32)
+    kernels = ["split"] + (["tensor_core"] if dtype != torch.float32 and D % 8 == 0 and not strided else [])
+    for share in (True, False):
+        for topk in (3, R + 4):
+            idx, _ = sim.region_topk(q, desc, ptr, topk, share, q_pos, layout.region_pos)
+            idx = idx.clone()
+            idx[..., 0] = R + 5
+            for kernel in kernels:
+                monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+                out, lse = sim.gaze_attention(q, k, v, ptr, tokens, fixed, idx, q_pos, 0.3)
+                seen = torch.isfinite(lse)
+                assert torch.isfinite(out.float()[seen]).all()
+                for deterministic in (False, True):
+                    torch.use_deterministic_algorithms(deterministic)
+                    try:
+                        grads = sim.gaze_attention_backward(torch.ones_like(out), None, q, k, v, out,
+                                                            lse, ptr, tokens, fixed, idx, q_pos, 0.3)
+                    finally:
+                        torch.use_deterministic_algorithms(False)
+                    assert all(torch.isfinite(g.float()).all() for g in grads)
+    expected = {"pool_kernel", "pool_backward_kernel", "topk_kernel", "attention_forward_kernel",
+                "attention_backward_kernel", "attention_backward_ordered_kernel"}
+    if "tensor_core" in kernels:
+        expected |= {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel"}
+    assert expected <= launched(sim)
+
+
 # ---------------------------------------------------------------------------- memcheck
 
 @pytest.mark.skipif(SANITIZED or cuda_sim.sanitizer_library() is None,
