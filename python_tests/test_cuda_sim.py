@@ -82,6 +82,25 @@ def test_region_pool_and_its_backward_match_cpu(sim, dtype, head_dim, strided, s
     torch.testing.assert_close(got, want, atol=atol_for(dtype), rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_region_pool_backward_is_deterministic_when_asked(sim, dtype):
+    """Tokens listed in several regions: the ordered kernel adds in one order whatever
+    the threads' order."""
+    gen = generator(150)
+    layout = overlapping_layout()
+    grad = torch.randn(2, 3, layout.num_regions, 64, generator=gen).to(dtype)
+    lay = (layout.region_ptr, layout.region_tokens, layout.num_keys)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = sim.region_pool_backward(grad, *lay), sim.region_pool_backward(grad, *lay)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launched(sim) == {"pool_backward_ordered_kernel"}
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, torch.ops.gaze.region_pool_backward(grad, *lay),
+                               atol=atol_for(dtype), rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------- region_topk
 
 @pytest.mark.parametrize("share_kv", [True, False])

@@ -3,7 +3,9 @@
 // tokens at once and sums the partial rows with shuffles at the end. The backward
 // adds each region's gradient to its tokens with atomics: one add per key element,
 // so repeatable, unless a token is listed in several regions (then the order of its
-// adds varies).
+// adds varies). Under torch.use_deterministic_algorithms(True) an ordered kernel
+// runs instead: one warp per (batch, head) adds the regions in order, without atomics.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -103,6 +105,39 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// One warp per (b, h): adds every region's grad_desc / |region| to its keys' rows,
+// region after region, token after token, each lane its own chunks of the row: every
+// element receives its adds in one fixed order.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    pool_backward_ordered_kernel(const T* __restrict__ grad_desc, Strides4 gs, LayoutView layout,
+                                 int H, int D, float* __restrict__ grad_keys /* [B, H, N, D] */,
+                                 int64_t items /* B * H */) {
+  using Chunk = RowChunk<T, kVec>;
+  constexpr int C = Chunk::kChunk;
+  const int64_t item = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (item >= items) return;
+  const int64_t b = item / H;
+  const int h = int(item % H), chunks = D / C;
+  float* head = grad_keys + item * int64_t(layout.num_keys) * D;
+  const int32_t* tokens = layout.tokens(b);
+  for (int r = 0; r < layout.num_regions; ++r) {
+    const RegionSpan span = layout.region(b, r);
+    const float mean = region_mean_scale<float>(span.size());
+    for (int c = threadIdx.x % 32; c < chunks; c += 32) {
+      Chunk g;
+      g.load(grad_desc + gs.offset(b, h, r) + int64_t(c) * C);
+      for (int t = span.begin; t < span.end; ++t) {
+        const int32_t pos = tokens[t];
+        if (!layout.visible(pos, kNoCausalLimit)) continue;
+        float* dst = head + int64_t(pos) * D + int64_t(c) * C;
+#pragma unroll
+        for (int i = 0; i < C; ++i) dst[i] += g.v[i] * mean;
+      }
+    }
+  }
+}
+
 // One warp per (b, h, r) item over the rows of `rows` [B, H, *, D], which decide
 // whether 16-byte loads apply; launch(kernel_variant_is_vectorized, lanes, grid, block).
 template <typename T, typename Launch>
@@ -148,17 +183,24 @@ at::Tensor region_pool_backward_cuda(const at::Tensor& grad_desc, const at::Tens
   const at::Tensor& g = args.grad_desc;
   const int64_t B = g.size(0), H = g.size(1), R = args.layout.num_regions, D = g.size(3);
   at::Tensor grad_keys = at::zeros({B, H, num_keys, D}, g.options().dtype(at::kFloat));
-  const int64_t items = B * H * R;
-  if (items == 0 || D == 0) return grad_keys.to(g.scalar_type());
+  if (B * H * R == 0 || D == 0) return grad_keys.to(g.scalar_type());
   const LayoutView layout = args.layout.view(num_keys);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool ordered = at::globalContext().deterministicAlgorithms();
+  const int64_t items = ordered ? B * H : B * H * R;
   dispatch_float_types(g.scalar_type(), "region_pool_backward", [&](auto tag) {
     using T = native_t<decltype(tag)>;
+    const T* grad = reinterpret_cast<const T*>(g.data_ptr());
     launch_region_warps<T>(g, items, [&](bool vec, int lanes, dim3 grid, dim3 block) {
-      auto kernel = vec ? pool_backward_kernel<T, true> : pool_backward_kernel<T, false>;
-      kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(g.data_ptr()), strides_of(g),
-                                         layout, int(H), int(D), lanes,
-                                         grad_keys.data_ptr<float>(), items);
+      if (ordered) {
+        auto kernel = vec ? pool_backward_ordered_kernel<T, true> : pool_backward_ordered_kernel<T, false>;
+        kernel<<<grid, block, 0, stream>>>(grad, strides_of(g), layout, int(H), int(D),
+                                           grad_keys.data_ptr<float>(), items);
+      } else {
+        auto kernel = vec ? pool_backward_kernel<T, true> : pool_backward_kernel<T, false>;
+        kernel<<<grid, block, 0, stream>>>(grad, strides_of(g), layout, int(H), int(D), lanes,
+                                           grad_keys.data_ptr<float>(), items);
+      }
     });
   });
   return grad_keys.to(g.scalar_type());
