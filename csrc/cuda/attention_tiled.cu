@@ -326,6 +326,26 @@ struct TileBlock {
 
   // The multiplicity of the step's key j for this thread's row of selection `sel` (-1: none).
   __device__ int weight(int sel, int j) const { return sel >= 0 ? weights[sel * kTileKeys + j] : 0; }
+
+  // The step's key blocks (bit nb: keys [8 nb, 8 nb + 8)) that some row of `warp` sees;
+  // the warp skips the products of the others, whose P and dS are zero for its rows.
+  // After step_keys; the whole (active) warp calls it.
+  __device__ uint32_t warp_key_blocks(const TileParams& p, int warp) const {
+    const int lane = threadIdx.x % 32;
+    const int first = warp * 16 / p.heads, last = (min(rows, warp * 16 + 16) - 1) / p.heads;
+    bool low = false, high = false;  // keys lane and lane + 32
+    for (int position = first; position <= last; ++position) {
+      low |= weights[position * kTileKeys + lane] != 0;
+      high |= weights[position * kTileKeys + lane + 32] != 0;
+    }
+    const uint32_t keys[2] = {__ballot_sync(0xFFFFFFFFu, low), __ballot_sync(0xFFFFFFFFu, high)};
+    uint32_t blocks = 0;
+#pragma unroll
+    for (int nb = 0; nb < kKeyBlocks; ++nb) {
+      if ((keys[nb / 4] >> (8 * (nb % 4))) & 0xFFu) blocks |= 1u << nb;
+    }
+    return blocks;
+  }
 };
 
 template <int N>
@@ -338,10 +358,11 @@ __device__ __forceinline__ void zero_fragments(float (&acc)[N][4]) {
 }
 
 // acc[nb] = rows [row0, row0 + 16) of `rows_tile` times the kTileKeys rows of
-// `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T.
+// `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T; only
+// the key blocks in `blocks` (warp_key_blocks), zeros for the others.
 template <typename T, int D>
 __device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const uint16_t* keys_tile,
-                                                int row0, float (&acc)[kKeyBlocks][4]) {
+                                                int row0, uint32_t blocks, float (&acc)[kKeyBlocks][4]) {
   constexpr int kWords = (D + kRowPad) / 2;
   const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const uint32_t* a32 = reinterpret_cast<const uint32_t*>(rows_tile);
@@ -355,20 +376,21 @@ __device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const
     for (int nb = 0; nb < kKeyBlocks; ++nb) {
       const int key_word = (nb * 8 + g) * kWords + kk * 8 + t4;
       const uint32_t bk[2] = {b32[key_word], b32[key_word + 4]};
-      mma_16x8x16<T>(acc[nb], a, bk);
+      if (blocks & (1u << nb)) mma_16x8x16<T>(acc[nb], a, bk);
     }
   }
 }
 
 // acc[dn] += probs (16 x 64, C fragments in registers) times the kTileKeys rows of
 // `keys_tile` (64 x D), for O += P V and dQ += dS K. The C fragments of key blocks
-// 2ks and 2ks + 1 are the A fragment of k-step ks.
+// 2ks and 2ks + 1 are the A fragment of k-step ks, skipped when neither is in `blocks`.
 template <typename T, int D>
-__device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks][4],
+__device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks][4], uint32_t blocks,
                                                  const uint16_t* keys_tile, float (&acc)[D / 8][4]) {
   constexpr int kStride = D + kRowPad;
 #pragma unroll
   for (int ks = 0; ks < kTileKeys / 16; ++ks) {
+    if (((blocks >> (2 * ks)) & 3u) == 0) continue;
     const uint32_t a[4] = {pack_pair<T>(probs[2 * ks][0], probs[2 * ks][1]),
                            pack_pair<T>(probs[2 * ks][2], probs[2 * ks][3]),
                            pack_pair<T>(probs[2 * ks + 1][0], probs[2 * ks + 1][1]),
@@ -384,14 +406,17 @@ __device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks
 
 // acc[dn] = (keys [key0, key0 + 16) of the shared kTileRows x kTileKeys matrix
 // `by_row`, transposed) times the kTileRows rows of `rows_tile`: (16 x 64) . (64 x D),
-// for dV = P^T dO and dK = dS^T Q.
+// for dV = P^T dO and dK = dS^T Q. Rows [16 ks, 16 ks + 16) are warp ks's: skipped when
+// warp_blocks[ks] has neither of the two key blocks (their P and dS are zero).
 template <typename T, int D>
 __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const uint16_t* rows_tile,
-                                                int key0, float (&acc)[D / 8][4]) {
+                                                int key0, const uint32_t* warp_blocks,
+                                                float (&acc)[D / 8][4]) {
   constexpr int kStride = D + kRowPad;
   zero_fragments(acc);
 #pragma unroll
   for (int ks = 0; ks < kTileRows / 16; ++ks) {
+    if (((warp_blocks[ks] >> (key0 / 8)) & 3u) == 0) continue;
     uint32_t lo[2], hi[2];  // keys key0 + g and key0 + g + 8 (by_row is the transposed A)
     b_fragment_k_major(by_row + ks * 16 * kProbStride + key0, kProbStride, lo);
     b_fragment_k_major(by_row + ks * 16 * kProbStride + key0 + 8, kProbStride, hi);
@@ -429,9 +454,10 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
     tb.gather_keys(p.v, p.vs, step, tb.tile_v);
     __syncthreads();
 
-    if (warp_active) {
+    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp) : 0u;
+    if (blocks != 0) {  // else no row of this warp sees a key of the step: nothing changes
       float s[kKeyBlocks][4];
-      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, s);
+      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
       // multiplicities and the online softmax (h: row[h], elements 2h and 2h + 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -470,7 +496,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
           acc[dn][2 * h + 1] *= rescale;
         }
       }
-      probs_times_keys<T, D>(s, tb.tile_v, acc);
+      probs_times_keys<T, D>(s, blocks, tb.tile_v, acc);
     }
     __syncthreads();
   }
@@ -501,6 +527,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
   __shared__ StepKeys step;
   __shared__ int32_t limits[kTileRows];
   __shared__ int32_t warp_totals[kTileWarps];
+  __shared__ uint32_t warp_blocks[kTileWarps];  // each warp's warp_key_blocks this step
   TileBlock<D> tb(p, smem, /*backward=*/true);
   tb.load_rows(p, p.q, p.qs, tb.tile_q);
   tb.load_rows(p, p.grad_out, p.gs, tb.tile_grad);
@@ -534,10 +561,12 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
     tb.gather_keys(p.v, p.vs, step, tb.tile_v);
     __syncthreads();
 
-    if (warp_active) {
+    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp) : 0u;
+    if (lane == 0) warp_blocks[warp] = blocks;
+    if (warp_active) {  // idle rows' P and dS stay zero from the start
       float s[kKeyBlocks][4], dp[kKeyBlocks][4];
-      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, s);
-      rows_times_keys<T, D>(tb.tile_grad, tb.tile_v, warp * 16, dp);
+      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
+      rows_times_keys<T, D>(tb.tile_grad, tb.tile_v, warp * 16, blocks, dp);
       // P = count 2^(S - lse), dS = P (dP - delta); both to shared memory for dV, dK
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -557,7 +586,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
           *reinterpret_cast<uint32_t*>(tb.tile_dscores + at) = pack_pair<T>(dp[nb][2 * h], dp[nb][2 * h + 1]);
         }
       }
-      probs_times_keys<T, D>(dp, tb.tile_k, dq);
+      probs_times_keys<T, D>(dp, blocks, tb.tile_k, dq);
     }
     __syncthreads();
 
@@ -567,7 +596,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
 #pragma unroll
     for (int pass = 0; pass < 2; ++pass) {
       keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
-                            pass == 0 ? tb.tile_grad : tb.tile_q, key0, grad_keys);
+                            pass == 0 ? tb.tile_grad : tb.tile_q, key0, warp_blocks, grad_keys);
       float* dst = pass == 0 ? p.dv : p.dk;
       const float factor = pass == 0 ? 1.f : scale;
 #pragma unroll
