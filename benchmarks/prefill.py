@@ -74,26 +74,47 @@ def with_kernel(kernel: str, fn):
 
 def tile_work(idx: torch.Tensor, layout, q_pos: torch.Tensor, rows_per_position: int,
               positions: int = 16):
-    """What tiles of `positions` consecutive queries (the tensor-core kernels' tiles) work on:
-    the mean share of the regions their selections cover together, and the (query row, key)
-    products of the forward: rows times the union's tokens plus the fixed tokens one of the
-    tile's queries sees (steps no row sees are skipped)."""
-    sizes = (layout.region_ptr[1:] - layout.region_ptr[:-1]).cpu()
-    fixed = layout.fixed_tokens.cpu()
-    fixed = fixed[fixed >= 0]
+    """What tiles of `positions` consecutive queries (the tensor-core kernels' tiles) work on.
+    Returns the mean share of the regions their selections cover together, and two counts of
+    the forward's (query row, key) products: over the tile's keys (the fixed tokens, then the
+    union's regions, 64 keys a step, steps no row sees skipped), and what the warps compute
+    (each warp of 16 rows skips the 8-key blocks none of its rows sees)."""
+    ptr, tokens = layout.region_ptr.cpu(), layout.region_tokens.cpu()
+    sizes = ptr[1:] - ptr[:-1]
+    fixed = layout.fixed_tokens.cpu()  # with its -1 padding: the kernel walks it too
     idx, q_pos = idx.cpu(), q_pos.cpu()
     B, Hs, Lq, _ = idx.shape
-    fractions, pairs = [], 0
+    R = layout.num_regions
+    fractions, pairs, computed = [], 0, 0
     for b in range(B):
         for i0 in range(0, Lq, positions):
-            seen_fixed = int((fixed <= int(q_pos[b, i0:i0 + positions].max())).sum())
-            rows = min(positions, Lq - i0) * rows_per_position
+            P = min(positions, Lq - i0)
+            limit = q_pos[b, i0:i0 + P]
             for hs in range(Hs):
-                chosen = idx[b, hs, i0:i0 + positions].flatten()
+                chosen = idx[b, hs, i0:i0 + P]
                 union = chosen[chosen >= 0].unique()
-                fractions.append(union.numel() / max(layout.num_regions, 1))
-                pairs += rows * (seen_fixed + int(sizes[union].sum()))
-    return sum(fractions) / max(len(fractions), 1), pairs
+                fractions.append(union.numel() / max(R, 1))
+                lengths = sizes[union]
+                starts = torch.repeat_interleave(ptr[union] - (lengths.cumsum(0) - lengths), lengths)
+                key_pos = torch.cat([fixed, tokens[starts + torch.arange(int(lengths.sum()))]])
+                key_region = torch.cat([torch.full_like(fixed, R),  # R: a fixed token
+                                        torch.repeat_interleave(union, lengths)])
+                selected = torch.zeros(P, R + 1, dtype=torch.bool)
+                selected[:, R] = True
+                rows_of, slots = (chosen >= 0).nonzero(as_tuple=True)
+                selected[rows_of, chosen[rows_of, slots].long()] = True
+                sees = selected[:, key_region.long()] & (key_pos >= 0) & (key_pos <= limit[:, None])
+                steps = -(-key_pos.numel() // 64)
+                step_seen = torch.nn.functional.pad(sees.any(0), (0, steps * 64 - key_pos.numel()))
+                rows = P * rows_per_position
+                pairs += rows * 64 * int(step_seen.view(steps, 64).any(1).sum())
+                row_sees = sees.repeat_interleave(rows_per_position, 0)
+                warps = -(-rows // 16)
+                row_sees = torch.nn.functional.pad(row_sees, (0, steps * 64 - key_pos.numel(),
+                                                              0, warps * 16 - rows))
+                blocks = row_sees.view(warps, 16, steps * 8, 8).any(3).any(1)
+                computed += 16 * 8 * int(blocks.sum())
+    return sum(fractions) / max(len(fractions), 1), pairs, computed
 
 
 def run_shape(shape: PrefillShape, device: str):
@@ -165,18 +186,20 @@ def run_shape(shape: PrefillShape, device: str):
     verdicts = {name: "n/a" if target is None else ("PASS" if r >= target else "MISS")
                 for name, r in ratios.items()}
     work = {name: tile_work(select(query, True), layout, q_pos, G) for name, query in queries.items()}
-    unions = {name: fraction for name, (fraction, _) in work.items()}
+    unions = {name: w[0] for name, w in work.items()}
+    computed_share = {name: w[2] / max(w[1], 1) for name, w in work.items()}
     # forward TFLOP/s (4 D per query-key product): dense over every visible key, the
-    # tensor-core forward over its tiles' unions (what it computes, not what is useful)
+    # tensor-core forward over the key blocks its warps compute (not what is useful)
     pairs = {"sdpa_fwd": Hq * B * sum(visual + i + 1 for i in range(Lq))}
     if device == "cuda":
-        pairs["gaze_shared_fwd"] = work["iid"][1]
-        pairs["gaze_shared_fwd_correlated"] = work["correlated"][1]
+        pairs["gaze_shared_fwd"] = work["iid"][2]
+        pairs["gaze_shared_fwd_correlated"] = work["correlated"][2]
     for row in rows:
         if row["variant"] in pairs:
             row["TFLOP/s"] = 4 * D * pairs[row["variant"]] / (row["ms"] * 1e-3) / 1e12
     return dict(device=device, shape=asdict(shape), keys=N, regions=layout.num_regions, topk=K,
                 rows=rows, ratio=ratios["iid"], ratios=ratios, union_fraction=unions,
+                computed_share=computed_share,
                 correlation=CORRELATION, target=target, verdicts=verdicts, env=environment(device))
 
 
@@ -198,7 +221,7 @@ def report(result) -> str:
         markdown_table(result["rows"], ["variant", "ms", "speedup", "TFLOP/s"]),
         "",
         "TFLOP/s: forward, 4 D per query-key product; dense over every visible key, the "
-        "tensor-core forward (CUDA) over the keys of its tiles' unions.",
+        "tensor-core forward (CUDA) over the 8-key blocks its warps compute.",
         "",
     ]
     for name in ("iid", "correlated"):
@@ -207,7 +230,8 @@ def report(result) -> str:
         lines.append(f"- forward+backward, shared selection, {name} queries: "
                      f"{result['ratios'][name]:.2f}x faster than dense{verdict}; 16 consecutive "
                      f"queries select {100 * result['union_fraction'][name]:.0f}% of the regions "
-                     "together")
+                     f"together, and a tile's warps compute "
+                     f"{100 * result['computed_share'][name]:.0f}% of its (row, key) products")
     return "\n".join(lines + [""])
 
 
