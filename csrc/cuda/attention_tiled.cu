@@ -498,7 +498,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
       }
       probs_times_keys<T, D>(s, blocks, tb.tile_v, acc);
     }
-    __syncthreads();
+    // No barrier: the next step writes only `step` before step_keys' first barrier, and
+    // nothing here reads it; the K/V tiles and run_counts are written after its barriers.
   }
 
   if (!warp_active) return;
