@@ -8,6 +8,7 @@ Each source is rewritten a little on the way:
 - `kernel<<<grid, block, shared, stream>>>(args)` -> `gaze_sim::Launch(grid, block,
   shared, stream).run(kernel, args)`;
 - `extern __shared__ T name[];` -> a pointer to the launch's dynamic shared memory;
+- `__shared__ T name[N];` -> a reference to per-block storage (poisoned before each block);
 - every kernel first records its name (torch.ops.gaze_sim.take_launched_kernels());
 - `TORCH_LIBRARY_IMPL(gaze, CUDA, m) { m.impl(...) }` -> definitions of gaze_sim ops;
 - index contents are checked as on a GPU: only under GAZE_CHECK_INDICES=1.
@@ -21,7 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 BUILD = ROOT / "build" / "cuda_sim"
 
-LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(?P<config>.*?)>>>\(", re.S)
+LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(?P<config>.*?)>>>\((?P<no_args>\))?",
+                    re.S)
+STATIC_SHARED = re.compile(
+    r"__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w:]+(?:<[^;]*?>)?)\s+(?P<names>[^;]+);")
 DYNAMIC_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w: ]+?)\s+(?P<name>\w+)\[\];")
 KERNEL_BODY = re.compile(r"(__global__[^{;]*\{)")
@@ -41,17 +45,30 @@ def available():
     return cuda_include_dir() is not None
 
 
+def static_shared(match):
+    """`__shared__ T a[N], b;` -> references to gaze_sim's per-block storage."""
+    out = []
+    for declarator in match["names"].split(","):
+        name, _, dims = declarator.strip().partition("[")
+        dims = "[" + dims if dims else ""
+        out.append(f"static const char gaze_sim_key_{name} = 0; "
+                   f"auto& {name} = ::gaze_sim::shared_variable<{match['type']}{dims}>("
+                   f"&gaze_sim_key_{name});")
+    return " ".join(out)
+
+
 def rewrite(text, name):
-    text, launches = LAUNCH.subn(
-        lambda m: f"::gaze_sim::Launch({m['config']}).run({m['kernel']}, ", text)
+    text = LAUNCH.sub(lambda m: f"::gaze_sim::Launch({m['config']}).run({m['kernel']}"
+                      + (")" if m["no_args"] else ", "), text)
     text = KERNEL_BODY.sub(r"\1 ::gaze_sim::note_kernel(__PRETTY_FUNCTION__);", text)
     text = DYNAMIC_SHARED.sub(
         lambda m: f"{m['type']}* const {m['name']} = ::gaze_sim::dynamic_shared<{m['type']}>();",
         text)
+    text = STATIC_SHARED.sub(static_shared, text)
     if REGISTRATION in text:
         head, registration = text.split(REGISTRATION)
         text = head + "TORCH_LIBRARY_FRAGMENT(gaze_sim, m)" + registration.replace("m.impl(", "m.def(")
-    assert "<<<" not in text and "extern __shared__" not in text, f"{name}: not fully rewritten"
+    assert "<<<" not in text and "__shared__" not in text, f"{name}: not fully rewritten"
     return text
 
 
@@ -85,6 +102,9 @@ def build(verbose=False, sanitize=False):
         else:
             target = src / "cuda" / path.name
         write_if_changed(target, rewritten)
+    selftest = CSRC / "cuda_sim" / "selftest.cu"
+    sources.append(src / "cuda_sim" / "selftest.cpp")
+    write_if_changed(sources[-1], rewrite(selftest.read_text(), selftest.name))
     for path in sorted((CSRC / "common").iterdir()):
         text = path.read_text()
         if path.name == "checks.cpp":

@@ -52,6 +52,46 @@ def assert_scores_equal(got, want):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+# ------------------------------------------------------------- the emulator itself
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_mma_is_a_matmul(sim, dtype):
+    """One mma.sync with fragments loaded as mma.cuh documents them (csrc/cuda_sim/selftest.cu)."""
+    gen = generator(10)
+    a = torch.randn(16, 16, generator=gen).to(dtype)
+    b = torch.randn(16, 8, generator=gen).to(dtype)
+    torch.testing.assert_close(sim.selftest_mma(a, b), a.float() @ b.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_emulated_warp_collectives(sim):
+    x = torch.randn(64, generator=generator(11))
+    x[40] = 200.0
+    sums, scans, ballots, any_large = sim.selftest_warp_ops(x)
+    warps = x.view(2, 32)
+    torch.testing.assert_close(sums, warps.sum(1).repeat_interleave(32))
+    torch.testing.assert_close(scans, warps.cumsum(1).flatten())
+    bits = (warps > 0).int() << torch.arange(32)
+    assert ballots.tolist() == (bits[:, :16].sum(1).float().repeat_interleave(32)).tolist()
+    assert any_large.tolist() == [1.0] * 64
+
+
+def test_emulator_shows_a_missing_barrier(sim):
+    """Threads run in a random order between barriers and shared memory starts poisoned,
+    so a read of another thread's write without a barrier between goes wrong."""
+    want = ((torch.arange(64) + 1) % 64).float()
+    assert torch.equal(sim.selftest_neighbours(True), want)
+    assert not torch.equal(sim.selftest_neighbours(False), want)
+
+
+def test_emulator_reports_deadlocks_traps_and_bad_launches(sim):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        sim.selftest_divergent()
+    with pytest.raises(RuntimeError, match="__trap"):
+        sim.selftest_trap(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="empty grid"):
+        sim.selftest_empty_grid(torch.zeros(1))
+
+
 # ---------------------------------------------------------------------------- region_pool
 
 def overlapping_layout():

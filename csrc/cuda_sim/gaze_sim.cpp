@@ -104,6 +104,11 @@ struct Block {
 Block* g_block = nullptr;
 std::map<const void*, int> g_max_dynamic_shared;  // cudaFuncSetAttribute, per kernel
 std::vector<std::string> g_launched;               // note_kernel's record
+struct SharedVariable {
+  std::unique_ptr<unsigned char[]> bytes;
+  size_t size;
+};
+std::map<const void*, SharedVariable> g_static_shared;  // static_shared's storage, by key
 uint32_t g_launches = 0;                           // seeds each launch's thread order
 
 void yield() {
@@ -267,6 +272,17 @@ const unsigned char* warp_exchange(unsigned mask, const void* value, size_t byte
 
 void trap() { throw Trap{}; }
 
+void* static_shared(const void* key, size_t bytes) {
+  auto found = g_static_shared.find(key);
+  if (found == g_static_shared.end()) {
+    // new[] of bytes is aligned for any fundamental type; exact size for the sanitizer
+    SharedVariable v{std::unique_ptr<unsigned char[]>(new unsigned char[bytes]), bytes};
+    std::memset(v.bytes.get(), 0xFF, bytes);
+    found = g_static_shared.emplace(key, std::move(v)).first;
+  }
+  return found->second.bytes.get();
+}
+
 void note_kernel(const char* signature) {
   if (g_current->thread.x == 0 && g_block_idx.x == 0 && g_block_idx.y == 0 && g_block_idx.z == 0) {
     g_launched.emplace_back(signature);
@@ -307,6 +323,7 @@ void launch_blocks(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
         for (unsigned x = 0; x < grid.x; ++x) {
           g_block_idx = make_uint3(x, y, z);
           std::memset(shared.get(), 0xFF, shared_bytes);
+          for (auto& [key, v] : g_static_shared) std::memset(v.bytes.get(), 0xFF, v.size);
           std::mt19937 random(uint32_t(g_launches * 1000003u + (z * grid.y + y) * grid.x + x));
           run_block(b, random);
         }

@@ -2,19 +2,19 @@
 // without a GPU (python_tests/cuda_sim.py builds it; tests only, never shipped).
 //
 // python_tests/cuda_sim.py rewrites each csrc/cuda source a little (kernel launches
-// become gaze_sim::Launch calls, `extern __shared__` arrays become the launch's
-// dynamic shared buffer, the ops are registered as torch.ops.gaze_sim.* taking CPU
-// tensors) and compiles it as C++ with this header included first.
+// become gaze_sim::Launch calls, `extern __shared__` arrays the launch's dynamic shared
+// buffer, other `__shared__` variables references to per-block storage, the ops are
+// registered as torch.ops.gaze_sim.* taking CPU tensors) and compiles it as C++ with
+// this header included first.
 //
 // Execution model: the blocks of a grid run one after another; the threads of a
-// block are fibers on one OS thread, switched only at barriers, so `__shared__`
-// variables can be plain statics and atomics plain read-modify-writes. What the
-// emulator checks that a GPU would not report:
+// block are fibers on one OS thread, switched only at barriers, so atomics are plain
+// read-modify-writes. What the emulator checks that a GPU would not report:
 //   - __syncthreads() reached while other threads wait in a warp collective, a warp
 //     collective with exited lanes or lanes at different collectives: an error
 //     naming the block, instead of a hang or undefined behaviour;
-//   - dynamic shared memory is filled with 0xFF bytes (NaN as floats, -1 as
-//     integers) before each block, so reads of unwritten shared memory show;
+//   - shared memory (dynamic and static) is filled with 0xFF bytes (NaN as floats,
+//     -1 as integers) before each block, so reads of unwritten shared memory show;
 //   - launches of zero blocks, blocks over 1,024 threads, more than 48 KB of
 //     dynamic shared memory without cudaFuncSetAttribute;
 //   - __trap() fails the launch.
@@ -53,8 +53,6 @@ cudaError_t gaze_sim_cudaFuncGetAttributes(cudaFuncAttributes* attributes, void 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
-#undef __shared__
-#define __shared__ static  // one block runs at a time, its threads share statics
 
 namespace gaze_sim {
 
@@ -145,6 +143,17 @@ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) 
 template <typename T>
 T* dynamic_shared() {
   return reinterpret_cast<T*>(g_dynamic_shared);
+}
+
+// Storage of `bytes` for the __shared__ variable identified by `key`, filled with 0xFF
+// before every block like the dynamic shared memory (one block runs at a time).
+void* static_shared(const void* key, size_t bytes);
+
+// `__shared__ T name;` in a kernel becomes `T& name = shared_variable<T>(&key)`.
+template <typename T>
+T& shared_variable(const void* key) {
+  static_assert(std::is_trivially_destructible_v<T>);
+  return *static_cast<T*>(static_shared(key, sizeof(T)));
 }
 
 // Runs `body` for every thread of every block.
