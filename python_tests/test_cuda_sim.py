@@ -175,6 +175,20 @@ def test_region_topk_scratch_paths_match_cpu(sim):
         assert_scores_equal(got[1], want[1])
 
 
+def test_region_topk_at_the_contract_bounds(sim):
+    """R = 65,536 regions and k = 256, shared selection over a GQA group."""
+    gen = generator(5)
+    R, D = 65536, 8
+    ptr = torch.arange(R + 1, dtype=torch.int32)
+    q = torch.randint(-3, 4, (1, 4, 1, D), generator=gen).float()
+    desc = torch.randint(-3, 4, (1, 2, R, D), generator=gen).float()
+    for k in (256, R):
+        got = sim.region_topk(q, desc, ptr, k, True, None, None)
+        want = ops.region_topk(q, desc, ptr, k, True)
+        assert torch.equal(got[0], want[0])
+        assert_scores_equal(got[1], want[1])
+
+
 # ---------------------------------------------------------- gaze_attention, split-K kernels
 
 SPLIT_CASES = [
@@ -291,6 +305,30 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
     (same_out.float() * grad).sum().backward()
     for name, got, r, s in zip("qkv", grads, ref, same):
         error_bound_check(f"d{name}", got, r.grad, s.grad, 3.0, atol_for(dtype))
+
+
+def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
+    """Per-head selection with 120 slots: 2048 entries fit 17 positions, so tiles of 17 rows
+    (a second warp with one row) and a ragged last tile: the per-head prefill configuration."""
+    gen = generator(9)
+    B, Hq, Hkv, Lq, N, D = 1, 2, 1, 40, 700, 64
+    layout = random_batch_layout(gen, B, N, max_regions=160, max_region_size=4, empty_regions=False)
+    idx = random_selection(gen, (B, Hq, Lq, 120), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N, low=N // 2)
+    qkv = [torch.randn(s, generator=gen).bfloat16() for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
+    out, lse = sim.gaze_attention(*qkv, *args)
+    grad = torch.randn(out.shape, generator=gen).bfloat16()
+    grads = sim.gaze_attention_backward(grad, None, *qkv, out, lse, *args)
+    assert launched(sim) == {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel"}
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    want_out, want_lse = sim.gaze_attention(*qkv, *args)
+    want = sim.gaze_attention_backward(grad, None, *qkv, want_out, want_lse, *args)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_auto_choice_of_kernels(sim, monkeypatch):
