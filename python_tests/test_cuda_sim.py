@@ -300,7 +300,8 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
 
     grad = torch.randn(out.shape, generator=gen)
     grads = sim.gaze_attention_backward(grad.to(dtype), None, *qkv, out, lse, *args)
-    assert launched(sim) == {"attention_backward_tiled_kernel"}
+    key_major = {"selection_keys_kernel", "region_keys_backward_kernel"} if K > 0 else set()
+    assert launched(sim) == {"attention_backward_tiled_kernel"} | key_major
     (ref_out * grad.to(hp)).sum().backward()
     (same_out.float() * grad).sum().backward()
     for name, got, r, s in zip("qkv", grads, ref, same):
@@ -321,7 +322,8 @@ def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
     out, lse = sim.gaze_attention(*qkv, *args)
     grad = torch.randn(out.shape, generator=gen).bfloat16()
     grads = sim.gaze_attention_backward(grad, None, *qkv, out, lse, *args)
-    assert launched(sim) == {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel"}
+    assert launched(sim) == {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel",
+                             "selection_keys_kernel", "region_keys_backward_kernel"}
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
     want_out, want_lse = sim.gaze_attention(*qkv, *args)
     want = sim.gaze_attention_backward(grad, None, *qkv, want_out, want_lse, *args)
@@ -398,7 +400,8 @@ def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, 
     expected = {"pool_kernel", "pool_backward_kernel", "topk_kernel", "attention_forward_kernel",
                 "attention_backward_kernel", "attention_backward_ordered_kernel"}
     if "tensor_core" in kernels:
-        expected |= {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel"}
+        expected |= {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel",
+                     "selection_keys_kernel", "region_keys_backward_kernel"}
     assert expected <= launched(sim)
 
 

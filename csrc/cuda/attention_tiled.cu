@@ -27,11 +27,16 @@
 // The rows of a tile share every K/V read, so a tile pays for the union of its
 // rows' selections: neighbouring text tokens mostly pick the same regions.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 #include "../common/op_args.h"
@@ -62,6 +67,12 @@ struct TileParams : AttentionOperands, BackwardOperands {  // q, k, v, grad_out:
   int heads;           // query heads per tile; positions * heads <= kTileRows
   int position_tiles;  // ceil(Lq / positions)
   int sort_size;       // power of two >= positions * topk
+
+  // backward: the key-major pass (region_keys_backward_kernel) adds dK/dV of the regions'
+  // keys, so the tile kernel adds only the fixed tokens'
+  int region_keys_elsewhere;
+  const int64_t* selections;         // sorted ((b Hs + hs) R + region) Lq + position
+  const int64_t* selection_offsets;  // [B Hs R + 1]: each (b, hs, region)'s first selection
 
   // forward outputs
   void* out;   // [B, Hq, Lq, D] contiguous, dtype of q
@@ -404,7 +415,7 @@ __device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks
   }
 }
 
-// acc[dn] = (keys [key0, key0 + 16) of the shared kTileRows x kTileKeys matrix
+// acc[dn] += (keys [key0, key0 + 16) of the shared kTileRows x kTileKeys matrix
 // `by_row`, transposed) times the kTileRows rows of `rows_tile`: (16 x 64) . (64 x D),
 // for dV = P^T dO and dK = dS^T Q. Rows [16 ks, 16 ks + 16) are warp ks's: skipped when
 // warp_blocks[ks] has neither of the two key blocks (their P and dS are zero).
@@ -413,7 +424,6 @@ __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const ui
                                                 int key0, const uint32_t* warp_blocks,
                                                 float (&acc)[D / 8][4]) {
   constexpr int kStride = D + kRowPad;
-  zero_fragments(acc);
 #pragma unroll
   for (int ks = 0; ks < kTileRows / 16; ++ks) {
     if (((warp_blocks[ks] >> (key0 / 8)) & 3u) == 0) continue;
@@ -591,11 +601,14 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
     }
     __syncthreads();
 
-    // dV += P^T dO and dK += scale dS^T Q for this warp's 16 keys, to global memory
+    // dV += P^T dO and dK += scale dS^T Q for this warp's 16 keys, to global memory (only
+    // the fixed tokens' when the key-major pass adds the regions')
+    if (p.region_keys_elsewhere && k0 >= p.layout.num_fixed) continue;  // the barrier above ends the step
     const int key0 = warp * 16;
     float grad_keys[D / 8][4];
 #pragma unroll
     for (int pass = 0; pass < 2; ++pass) {
+      zero_fragments(grad_keys);
       keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
                             pass == 0 ? tb.tile_grad : tb.tile_q, key0, warp_blocks, grad_keys);
       float* dst = pass == 0 ? p.dv : p.dk;
@@ -603,7 +616,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int j = key0 + g + 8 * half;
-        if (!step.seen[j]) continue;
+        if (!step.seen[j] || (p.region_keys_elsewhere && step.region[j] >= 0)) continue;
         float* dst_row = dst + (kv_row0 + step.pos[j]) * D + 2 * t4;
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
@@ -624,6 +637,163 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
     for (int dn = 0; dn < D / 8; ++dn) {
       dst[dn * 4 + t4] = make_float2(dq[dn][2 * h] * scale, dq[dn][2 * h + 1] * scale);
     }
+  }
+}
+
+// The key-major pass of the tensor-core backward. The tile kernel would add dK/dV of a
+// region's keys once per tile that selected the region (some 90 tiles per key at the GPU
+// prefill shape, one float32 atomic per key element each time). Here one block per
+// (batch, selection head, region) runs over exactly the rows that selected the region
+// (from an inverted index sorted on the device), recomputes P and dS from the saved lse
+// and delta, and keeps dK/dV of the region's keys in registers: one atomic per key element
+// (a token may sit in several regions). A slot listed twice is two rows, as it counts twice.
+
+// Each taken slot of idx as ((b Hs + hs) R + region) Lq + position; others sort last.
+__global__ void selection_keys_kernel(TileParams p, int64_t* keys /* [B Hs Lq K] */, int64_t total) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= total) return;
+  const AttentionShape& S = p.shape;
+  const int64_t row = e / S.topk;  // (b Hs + hs) Lq + position
+  const int32_t* slots = p.idx + row * S.topk;
+  const int slot = int(e % S.topk);
+  keys[e] = slot_taken(p.layout, slots, slot)
+                ? ((row / S.q_len) * p.layout.num_regions + slots[slot]) * S.q_len + row % S.q_len
+                : INT64_MAX;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(TileParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int32_t key_pos[kTileKeys];   // -1: no key
+  __shared__ int64_t row_stat[kTileRows];  // the row's index into lse/delta ((b Hq + h) Lq + i), -1: none
+  __shared__ int32_t row_limit[kTileRows];
+  __shared__ uint32_t all_rows[kTileWarps];  // keys_times_rows' masks: every row chunk counts
+  constexpr int kStride = D + kRowPad, kChunks = D / 8;
+  const AttentionShape& S = p.shape;
+  const LayoutView& layout = p.layout;
+  const int64_t begin = p.selection_offsets[blockIdx.x], end = p.selection_offsets[blockIdx.x + 1];
+  if (begin == end) return;  // no query selected this region
+  const int64_t group = blockIdx.x / layout.num_regions;  // b Hs + hs
+  const int region = int(blockIdx.x % layout.num_regions);
+  const int64_t b = group / S.sel_heads;
+  const int sel_head = int(group % S.sel_heads);
+  const bool shared_sel = S.sel_heads == S.kv_heads;
+  const int kv_head = shared_sel ? sel_head : sel_head / S.group();
+  const int first_head = shared_sel ? sel_head * S.group() : sel_head;
+  const int per_chunk = kTileRows / p.heads;  // selections per chunk of rows
+  const TileSmemLayout L = tile_smem_layout(D, 0, 0, /*backward=*/true);
+  uint16_t* tile_q = reinterpret_cast<uint16_t*>(smem + L.q);
+  uint16_t* tile_k = reinterpret_cast<uint16_t*>(smem + L.k);
+  uint16_t* tile_v = reinterpret_cast<uint16_t*>(smem + L.v);
+  uint16_t* tile_grad = reinterpret_cast<uint16_t*>(smem + L.grad);
+  uint16_t* tile_probs = reinterpret_cast<uint16_t*>(smem + L.probs);
+  uint16_t* tile_dscores = reinterpret_cast<uint16_t*>(smem + L.dscores);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  if (threadIdx.x < kTileWarps) all_rows[threadIdx.x] = 0xFFu;
+  const float scale = p.score_scale / kLog2e;
+  const int64_t kv_row0 = (b * S.kv_heads + kv_head) * int64_t(layout.num_keys);
+  const RegionSpan span = layout.region(b, region);
+
+  for (int k0 = span.begin; k0 < span.end; k0 += kTileKeys) {
+    if (threadIdx.x < kTileKeys) {
+      const int t = k0 + threadIdx.x;
+      const int32_t pos = t < span.end ? layout.tokens(b)[t] : -1;
+      key_pos[threadIdx.x] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < kTileKeys * kChunks; x += kTileThreads) {
+      const int j = x / kChunks, c = x % kChunks;
+      uint4 k_chunk = make_uint4(0, 0, 0, 0), v_chunk = make_uint4(0, 0, 0, 0);
+      if (key_pos[j] >= 0) {
+        const uint16_t* k = reinterpret_cast<const uint16_t*>(p.k);
+        const uint16_t* v = reinterpret_cast<const uint16_t*>(p.v);
+        k_chunk = __ldg(reinterpret_cast<const uint4*>(k + p.ks.offset(b, kv_head, key_pos[j]) + c * 8));
+        v_chunk = __ldg(reinterpret_cast<const uint4*>(v + p.vs.offset(b, kv_head, key_pos[j]) + c * 8));
+      }
+      *reinterpret_cast<uint4*>(tile_k + j * kStride + c * 8) = k_chunk;
+      *reinterpret_cast<uint4*>(tile_v + j * kStride + c * 8) = v_chunk;
+    }
+    float dv[D / 8][4], dk[D / 8][4];
+    zero_fragments(dv);
+    zero_fragments(dk);
+
+    for (int64_t e0 = begin; e0 < end; e0 += per_chunk) {
+      if (threadIdx.x < kTileRows) {  // row x: selection e0 + x / heads, head x % heads
+        const int x = threadIdx.x;
+        const int64_t e = e0 + x / p.heads;
+        int64_t stat = -1;
+        int32_t limit = -1;
+        if (x < per_chunk * p.heads && e < end) {
+          const int i = int(p.selections[e] % S.q_len);
+          stat = (b * S.q_heads + first_head + x % p.heads) * int64_t(S.q_len) + i;
+          limit = p.q_pos ? p.q_pos[b * S.q_len + i] : kNoCausalLimit;
+        }
+        row_stat[x] = stat;
+        row_limit[x] = limit;
+      }
+      __syncthreads();
+      for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
+        const int r = x / kChunks, c = x % kChunks;
+        const int64_t stat = row_stat[r];
+        uint4 q_chunk = make_uint4(0, 0, 0, 0), g_chunk = make_uint4(0, 0, 0, 0);
+        if (stat >= 0) {
+          const int64_t head = (stat / S.q_len) % S.q_heads, i = stat % S.q_len;
+          const uint16_t* q = reinterpret_cast<const uint16_t*>(p.q);
+          const uint16_t* go = reinterpret_cast<const uint16_t*>(p.grad_out);
+          q_chunk = __ldg(reinterpret_cast<const uint4*>(q + p.qs.offset(b, head, i) + c * 8));
+          g_chunk = __ldg(reinterpret_cast<const uint4*>(go + p.gs.offset(b, head, i) + c * 8));
+        }
+        *reinterpret_cast<uint4*>(tile_q + r * kStride + c * 8) = q_chunk;
+        *reinterpret_cast<uint4*>(tile_grad + r * kStride + c * 8) = g_chunk;
+      }
+      __syncthreads();
+
+      // this warp's 16 rows: P = 2^(S - lse) where the key is visible, dS = P (dP - delta)
+      float s[kKeyBlocks][4], dp[kKeyBlocks][4];
+      rows_times_keys<T, D>(tile_q, tile_k, warp * 16, 0xFFu, s);
+      rows_times_keys<T, D>(tile_grad, tile_v, warp * 16, 0xFFu, dp);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp * 16 + g + 8 * h;
+        const int64_t stat = row_stat[row];
+        const float lse2 = stat >= 0 ? p.lse_in[stat] * kLog2e : kNegInf;
+        const float delta = stat >= 0 ? p.delta[stat] : 0.f;
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int32_t pos = key_pos[nb * 8 + 2 * t4 + c];
+            const float pj = pos >= 0 && pos <= row_limit[row] && lse2 != kNegInf
+                                 ? exp2_approx(s[nb][2 * h + c] * p.score_scale - lse2)
+                                 : 0.f;
+            s[nb][2 * h + c] = pj;
+            dp[nb][2 * h + c] = pj * (dp[nb][2 * h + c] - delta);
+          }
+          const int at = row * kProbStride + nb * 8 + 2 * t4;
+          *reinterpret_cast<uint32_t*>(tile_probs + at) = pack_pair<T>(s[nb][2 * h], s[nb][2 * h + 1]);
+          *reinterpret_cast<uint32_t*>(tile_dscores + at) = pack_pair<T>(dp[nb][2 * h], dp[nb][2 * h + 1]);
+        }
+      }
+      __syncthreads();
+      // dV += P^T dO, dK += dS^T Q for this warp's 16 keys
+      keys_times_rows<T, D>(tile_probs, tile_grad, warp * 16, all_rows, dv);
+      keys_times_rows<T, D>(tile_dscores, tile_q, warp * 16, all_rows, dk);
+      __syncthreads();
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int32_t pos = key_pos[warp * 16 + g + 8 * half];
+      if (pos < 0) continue;
+      float* dv_row = p.dv + (kv_row0 + pos) * D + 2 * t4;
+      float* dk_row = p.dk + (kv_row0 + pos) * D + 2 * t4;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        atomic_add_pair(dv_row + dn * 8, dv[dn][2 * half], dv[dn][2 * half + 1]);
+        atomic_add_pair(dk_row + dn * 8, dk[dn][2 * half] * scale, dk[dn][2 * half + 1] * scale);
+      }
+    }
+    __syncthreads();  // key_pos and the K/V tiles are rewritten next
   }
 }
 
@@ -675,10 +845,10 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
   return true;
 }
 
-// Launches kernel over the tiles when the device and binary have bf16/fp16
-// mma.sync and the shared memory fits; else returns false.
+// Whether the device and binary have bf16/fp16 mma.sync and `shared` bytes of dynamic
+// shared memory fit the kernel; if so, allows it that much.
 template <typename Kernel>
-bool launch_tiles(Kernel kernel, const TileParams& p, bool backward) {
+bool prepare_launch(Kernel kernel, int64_t shared) {
   int device = 0, major = 0, shared_limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -686,39 +856,82 @@ bool launch_tiles(Kernel kernel, const TileParams& p, bool backward) {
   cudaFuncAttributes attributes;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   if (major < 8 || attributes.binaryVersion < 80) return false;
-  const int64_t shared = tile_smem_layout(p.shape.head_dim, p.sort_size, p.positions, backward).total;
   if (shared + int64_t(attributes.sharedSizeBytes) > shared_limit) return false;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
-  const int64_t blocks = int64_t(p.shape.batch) * p.shape.sel_heads * p.position_tiles;
-  kernel<<<grid_of(blocks, "gaze_attention"), dim3(kTileThreads), shared,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
-template <template <typename, int> class KernelOf>
-bool launch_for_type(const TileParams& p, bool bf16, bool backward) {
-  auto launch = [&](auto head_dim) {
-    constexpr int D = decltype(head_dim)::value;
-    return bf16 ? launch_tiles(KernelOf<__nv_bfloat16, D>::kernel, p, backward)
-                : launch_tiles(KernelOf<__half, D>::kernel, p, backward);
-  };
-  switch (p.shape.head_dim) {
-    case 64: return launch(std::integral_constant<int, 64>{});
-    case 80: return launch(std::integral_constant<int, 80>{});
-    case 96: return launch(std::integral_constant<int, 96>{});
-    default: return launch(std::integral_constant<int, 128>{});
+template <typename Kernel>
+void launch(Kernel kernel, const TileParams& p, int64_t shared, int64_t blocks) {
+  kernel<<<grid_of(blocks, "gaze_attention"), dim3(kTileThreads), shared,
+           c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// f(integral_constant<int, D>{}) for the head dims the tensor-core kernels take.
+template <typename F>
+auto with_head_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    default: return f(std::integral_constant<int, 128>{});
   }
 }
 
-template <typename T, int D>
-struct ForwardKernelOf {
-  static constexpr auto kernel = attention_forward_tiled_kernel<T, D>;
-};
-template <typename T, int D>
-struct BackwardKernelOf {
-  static constexpr auto kernel = attention_backward_tiled_kernel<T, D>;
-};
+int64_t tile_blocks(const TileParams& p) {
+  return int64_t(p.shape.batch) * p.shape.sel_heads * p.position_tiles;
+}
+
+template <typename T>
+bool run_forward(const TileParams& p) {
+  return with_head_dim(p.shape.head_dim, [&](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
+    const auto kernel = attention_forward_tiled_kernel<T, D>;
+    const int64_t shared = tile_smem_layout(D, p.sort_size, p.positions, false).total;
+    if (!prepare_launch(kernel, shared)) return false;
+    launch(kernel, p, shared, tile_blocks(p));
+    return true;
+  });
+}
+
+// The inverted index of the selections for the key-major pass: p.selections and
+// p.selection_offsets point into the tensors returned (kept alive until the kernels ran).
+std::tuple<at::Tensor, at::Tensor> index_selections(const at::Tensor& idx, TileParams& p) {
+  const AttentionShape& S = p.shape;
+  const int64_t total = idx.numel(), groups = int64_t(S.batch) * S.sel_heads;
+  at::Tensor keys = at::empty({total}, idx.options().dtype(at::kLong));
+  selection_keys_kernel<<<grid_of(ceil_div(total, kTileThreads), "gaze_attention"), dim3(kTileThreads),
+                          0, c10::cuda::getCurrentCUDAStream()>>>(p, keys.data_ptr<int64_t>(), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor sorted = std::get<0>(at::sort(keys));
+  at::Tensor bounds = at::arange(groups * p.layout.num_regions + 1, keys.options()).mul_(S.q_len);
+  at::Tensor offsets = at::searchsorted(sorted, bounds);
+  p.selections = sorted.data_ptr<int64_t>();
+  p.selection_offsets = offsets.data_ptr<int64_t>();
+  return {sorted, offsets};
+}
+
+template <typename T>
+bool run_backward(TileParams& p, const at::Tensor& idx) {
+  return with_head_dim(p.shape.head_dim, [&](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
+    const auto tiles = attention_backward_tiled_kernel<T, D>;
+    const auto regions = region_keys_backward_kernel<T, D>;
+    const int64_t tile_shared = tile_smem_layout(D, p.sort_size, p.positions, true).total;
+    const int64_t region_shared = tile_smem_layout(D, 0, 0, true).total;
+    if (!prepare_launch(tiles, tile_shared)) return false;
+    const int64_t region_blocks = int64_t(p.shape.batch) * p.shape.sel_heads * p.layout.num_regions;
+    at::Tensor index[2];
+    if (p.shape.topk > 0 && region_blocks > 0 && prepare_launch(regions, region_shared)) {
+      std::tie(index[0], index[1]) = index_selections(idx, p);
+      launch(regions, p, region_shared, region_blocks);
+      p.region_keys_elsewhere = 1;
+    }
+    launch(tiles, p, tile_shared, tile_blocks(p));
+    return true;
+  });
+}
 
 }  // namespace
 
@@ -727,7 +940,7 @@ bool run_tiled_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   if (!plan_tiles(a, p)) return false;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  return launch_for_type<ForwardKernelOf>(p, a.q.scalar_type() == at::kBFloat16, false);
+  return a.q.scalar_type() == at::kBFloat16 ? run_forward<__nv_bfloat16>(p) : run_forward<__half>(p);
 }
 
 bool run_tiled_backward(const AttentionBackwardArgs& args, const at::Tensor& delta, at::Tensor& dq,
@@ -735,7 +948,9 @@ bool run_tiled_backward(const AttentionBackwardArgs& args, const at::Tensor& del
   TileParams p{};
   if (!plan_tiles(args.fwd, p) || !rows_aligned(args.grad_out)) return false;
   fill_backward_operands(args, delta, dq, dk, dv, p);
-  return launch_for_type<BackwardKernelOf>(p, args.fwd.q.scalar_type() == at::kBFloat16, true);
+  const at::Tensor& idx = args.fwd.idx;
+  return args.fwd.q.scalar_type() == at::kBFloat16 ? run_backward<__nv_bfloat16>(p, idx)
+                                                   : run_backward<__half>(p, idx);
 }
 
 }  // namespace gaze::cuda
