@@ -249,8 +249,7 @@ template <typename T, int NH>
 void launch_backward(AttnParams& p, bool vec, bool deterministic, int64_t shared,
                      cudaStream_t stream) {
   auto run = [&](auto kernel, int64_t blocks) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(shared)));
+    allow_dynamic_shared(kernel, shared);
     kernel<<<grid_of(blocks, "gaze_attention_backward"), dim3(kAttnThreads), shared, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

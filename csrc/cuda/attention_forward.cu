@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p
 template <typename T, int NH>
 void launch_forward(AttnParams& p, bool vec, int64_t shared, cudaStream_t stream) {
   auto kernel = vec ? attention_forward_kernel<T, true, NH> : attention_forward_kernel<T, false, NH>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  allow_dynamic_shared(kernel, shared);
   kernel<<<grid_of(p.units * p.splits, "gaze_attention"), dim3(kAttnThreads), shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {

@@ -849,15 +849,12 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
 // shared memory fit the kernel; if so, allows it that much.
 template <typename Kernel>
 bool prepare_launch(Kernel kernel, int64_t shared) {
-  int device = 0, major = 0, shared_limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (current_device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return false;
   cudaFuncAttributes attributes;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  if (major < 8 || attributes.binaryVersion < 80) return false;
-  if (shared + int64_t(attributes.sharedSizeBytes) > shared_limit) return false;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  if (attributes.binaryVersion < 80) return false;
+  if (shared > dynamic_shared_limit(int64_t(attributes.sharedSizeBytes))) return false;
+  allow_dynamic_shared(kernel, shared);
   return true;
 }
 

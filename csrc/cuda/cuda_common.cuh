@@ -9,7 +9,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../common/layout.h"
 #include "../common/math.h"
@@ -181,11 +185,36 @@ inline int lanes_per_row(int64_t chunks) {
   return lanes;
 }
 
-inline int multiprocessor_count() {
-  int device = 0, count = 0;
+// kAttr of the current device, asked of the runtime once per device (attributes that are
+// never 0, which marks "not read yet").
+template <cudaDeviceAttr kAttr>
+int current_device_attribute() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0, value = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+  if (device < kMaxDevices && (value = cached[device].load(std::memory_order_relaxed)) != 0) return value;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttr, device));
+  if (device < kMaxDevices) cached[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+inline int multiprocessor_count() { return current_device_attribute<cudaDevAttrMultiProcessorCount>(); }
+
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device. The runtime is
+// called only when more is asked than before: a few microseconds a launch otherwise, which
+// a decode step notices.
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;  // (kernel, device) -> bytes
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  int64_t& current = allowed[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= current) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  current = bytes;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -200,10 +229,7 @@ inline dim3 grid_of(int64_t blocks, const char* op) {
 // Dynamic shared memory a block of the current device may use, leaving `static_bytes`
 // for the kernel's static shared memory.
 inline int64_t dynamic_shared_limit(int64_t static_bytes) {
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return int64_t(limit) - static_bytes;
+  return int64_t(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) - static_bytes;
 }
 
 }  // namespace gaze::cuda

@@ -267,8 +267,7 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
     const bool vec = rows_vectorizable<T>(p.desc, D, {p.ds.batch, p.ds.head, p.ds.row});
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
     auto kernel = vec ? topk_kernel<T, true> : topk_kernel<T, false>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(shared)));
+    allow_dynamic_shared(kernel, shared);
     for (int64_t first = 0; first < rows; first += rows_per_launch) {
       p.first_row = first;
       const int64_t n = std::min(rows_per_launch, rows - first);
