@@ -252,6 +252,7 @@ def test_tensor_core_forward_matches_reference(monkeypatch, dtype, case):
     grad = torch.randn(out.shape, generator=gen)
     names = cuda_kernel_names(lambda: (out.float() * grad.cuda()).sum().backward())
     assert any("backward_tiled" in n for n in names), names
+    assert any("region_keys_backward" in n for n in names) == (K > 0), names  # the key-major pass
     (ref_out * grad.to(hp)).sum().backward()
     (same_out.float() * grad).sum().backward()
     for name, got, r, s in zip("qkv", leaves, ref, same):
