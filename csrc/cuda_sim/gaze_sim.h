@@ -61,8 +61,7 @@ enum class FiberState { kReady, kAtBlockBarrier, kAtWarpCollective, kDone };
 struct Fiber {
   uint3 thread;
   FiberState state = FiberState::kReady;
-  int predicate = 0;           // this thread's __syncthreads_or argument
-  unsigned collectives = 0;    // warp collectives passed: picks the exchange buffer
+  unsigned collectives = 0;       // warp collectives passed: picks the exchange buffer
   void* stack_pointer = nullptr;  // saved while switched out
 };
 
