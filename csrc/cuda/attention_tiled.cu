@@ -125,11 +125,26 @@ struct StepKeys {
   int32_t num_runs;
 };
 
+static_assert(kTileRows == kTileKeys, "load_tile_rows fills query and key tiles alike");
+
+// A shared tile of 64 rows of D 16-bit elements (row stride D + kRowPad) from global
+// memory, 16 bytes per thread at a time: row r from row_source(r), zeros where it is null.
+template <int D, typename RowSource>
+__device__ __forceinline__ void load_tile_rows(uint16_t* dst, RowSource row_source) {
+  constexpr int kChunks = D / 8, kStride = D + kRowPad;
+  for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
+    const int r = x / kChunks, c = x % kChunks;
+    const uint16_t* src = row_source(r);
+    uint4 chunk = make_uint4(0, 0, 0, 0);
+    if (src != nullptr) chunk = __ldg(reinterpret_cast<const uint4*>(src + c * 8));
+    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = chunk;
+  }
+}
+
 // The block's tile and its shared memory.
 template <int D>
 struct TileBlock {
   static constexpr int kStride = D + kRowPad;  // 16-bit elements per shared row
-  static constexpr int kChunks = D / 8;        // 16-byte chunks per row
 
   int64_t b;
   int sel_head, kv_head, first_head, i0;
@@ -175,14 +190,9 @@ struct TileBlock {
   // The tile's rows of a [B, Hq, Lq, D] tensor into a shared tile (zeros past `rows`).
   __device__ void load_rows(const TileParams& p, const void* src, const Strides4& s, uint16_t* dst) const {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
-    for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
-      const int r = x / kChunks, c = x % kChunks;
-      uint4 chunk = make_uint4(0, 0, 0, 0);
-      if (r < rows) {
-        chunk = __ldg(reinterpret_cast<const uint4*>(base + s.offset(b, head_of(p, r), query_of(p, r)) + c * 8));
-      }
-      *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = chunk;
-    }
+    load_tile_rows<D>(dst, [&](int r) {
+      return r < rows ? base + s.offset(b, head_of(p, r), query_of(p, r)) : nullptr;
+    });
   }
 
   // Step 1: causal limits per position, sorted entries, the union and its key
@@ -327,12 +337,7 @@ struct TileBlock {
   __device__ void gather_keys(const void* src, const Strides4& s, const StepKeys& step,
                               uint16_t* dst) const {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
-    for (int x = threadIdx.x; x < kTileKeys * kChunks; x += kTileThreads) {
-      const int j = x / kChunks, c = x % kChunks;
-      uint4 chunk = make_uint4(0, 0, 0, 0);
-      if (step.seen[j]) chunk = __ldg(reinterpret_cast<const uint4*>(base + step.pos[j] * s.row + c * 8));
-      *reinterpret_cast<uint4*>(dst + j * kStride + c * 8) = chunk;
-    }
+    load_tile_rows<D>(dst, [&](int j) { return step.seen[j] ? base + step.pos[j] * s.row : nullptr; });
   }
 
   // The multiplicity of the step's key j for this thread's row of selection `sel` (-1: none).
@@ -436,6 +441,50 @@ __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const ui
       uint32_t br[2];
       b_fragment_k_major(rows_tile + ks * 16 * kStride + dn * 8, kStride, br);
       mma_16x8x16<T>(acc[dn], a, br);
+    }
+  }
+}
+
+// For this thread's row h of its warp (h = 0: lane row g, 1: g + 8; tile row `row`):
+// P = count(j) 2^(S scale - lse2) and dS = P (dP - delta) over the step's keys, in place
+// in s and dp, and rounded to T into the shared P and dS tiles. lse2 = -inf: P = 0.
+template <typename T, typename Count>
+__device__ __forceinline__ void probs_and_dscores(float (&s)[kKeyBlocks][4], float (&dp)[kKeyBlocks][4],
+                                                  int h, int row, float lse2, float delta,
+                                                  float score_scale, Count count,
+                                                  uint16_t* tile_probs, uint16_t* tile_dscores) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int n = count(nb * 8 + 2 * t4 + c);
+      const float pj = n > 0 && lse2 != kNegInf ? float(n) * exp2_approx(s[nb][2 * h + c] * score_scale - lse2)
+                                                : 0.f;
+      s[nb][2 * h + c] = pj;
+      dp[nb][2 * h + c] = pj * (dp[nb][2 * h + c] - delta);
+    }
+    const int at = row * kProbStride + nb * 8 + 2 * t4;
+    *reinterpret_cast<uint32_t*>(tile_probs + at) = pack_pair<T>(s[nb][2 * h], s[nb][2 * h + 1]);
+    *reinterpret_cast<uint32_t*>(tile_dscores + at) = pack_pair<T>(dp[nb][2 * h], dp[nb][2 * h + 1]);
+  }
+}
+
+// Adds factor * acc (keys_times_rows' result: this warp's keys key0 + g and key0 + g + 8)
+// to the float32 rows [row0 + pos(j)] of dst [.., D]; keys with pos(j) < 0 are skipped.
+template <int D, typename Position>
+__device__ __forceinline__ void add_key_rows(float* dst, int64_t row0, int key0,
+                                             const float (&acc)[D / 8][4], float factor,
+                                             Position pos) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int32_t at = pos(key0 + g + 8 * half);
+    if (at < 0) continue;
+    float* dst_row = dst + (row0 + at) * D + 2 * t4;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      atomic_add_pair(dst_row + dn * 8, acc[dn][2 * half] * factor, acc[dn][2 * half + 1] * factor);
     }
   }
 }
@@ -578,24 +627,11 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
       float s[kKeyBlocks][4], dp[kKeyBlocks][4];
       rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
       rows_times_keys<T, D>(tb.tile_grad, tb.tile_v, warp * 16, blocks, dp);
-      // P = count 2^(S - lse), dS = P (dP - delta); both to shared memory for dV, dK
+      // P and dS (with multiplicities) to shared memory for dV, dK
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int count = tb.weight(sel[h], nb * 8 + 2 * t4 + c);
-            const float pj = count > 0 && lse2[h] != kNegInf
-                                 ? float(count) * exp2_approx(s[nb][2 * h + c] * p.score_scale - lse2[h])
-                                 : 0.f;
-            s[nb][2 * h + c] = pj;
-            dp[nb][2 * h + c] = pj * (dp[nb][2 * h + c] - delta[h]);
-          }
-          const int at = row[h] * kProbStride + nb * 8 + 2 * t4;
-          *reinterpret_cast<uint32_t*>(tb.tile_probs + at) = pack_pair<T>(s[nb][2 * h], s[nb][2 * h + 1]);
-          *reinterpret_cast<uint32_t*>(tb.tile_dscores + at) = pack_pair<T>(dp[nb][2 * h], dp[nb][2 * h + 1]);
-        }
+        probs_and_dscores<T>(s, dp, h, row[h], lse2[h], delta[h], p.score_scale,
+                             [&](int j) { return tb.weight(sel[h], j); }, tb.tile_probs, tb.tile_dscores);
       }
       probs_times_keys<T, D>(dp, blocks, tb.tile_k, dq);
     }
@@ -611,19 +647,11 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
       zero_fragments(grad_keys);
       keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
                             pass == 0 ? tb.tile_grad : tb.tile_q, key0, warp_blocks, grad_keys);
-      float* dst = pass == 0 ? p.dv : p.dk;
-      const float factor = pass == 0 ? 1.f : scale;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int j = key0 + g + 8 * half;
-        if (!step.seen[j] || (p.region_keys_elsewhere && step.region[j] >= 0)) continue;
-        float* dst_row = dst + (kv_row0 + step.pos[j]) * D + 2 * t4;
-#pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
-          atomic_add_pair(dst_row + dn * 8, grad_keys[dn][2 * half] * factor,
-                          grad_keys[dn][2 * half + 1] * factor);
-        }
-      }
+      add_key_rows<D>(pass == 0 ? p.dv : p.dk, kv_row0, key0, grad_keys, pass == 0 ? 1.f : scale,
+                      [&](int j) {
+                        const bool here = step.seen[j] && !(p.region_keys_elsewhere && step.region[j] >= 0);
+                        return here ? step.pos[j] : -1;
+                      });
     }
     __syncthreads();
   }
@@ -668,7 +696,6 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   __shared__ int64_t row_stat[kTileRows];  // the row's index into lse/delta ((b Hq + h) Lq + i), -1: none
   __shared__ int32_t row_limit[kTileRows];
   __shared__ uint32_t all_rows[kTileWarps];  // keys_times_rows' masks: every row chunk counts
-  constexpr int kStride = D + kRowPad, kChunks = D / 8;
   const AttentionShape& S = p.shape;
   const LayoutView& layout = p.layout;
   const int64_t begin = p.selection_offsets[blockIdx.x], end = p.selection_offsets[blockIdx.x + 1];
@@ -688,7 +715,7 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   uint16_t* tile_grad = reinterpret_cast<uint16_t*>(smem + L.grad);
   uint16_t* tile_probs = reinterpret_cast<uint16_t*>(smem + L.probs);
   uint16_t* tile_dscores = reinterpret_cast<uint16_t*>(smem + L.dscores);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   if (threadIdx.x < kTileWarps) all_rows[threadIdx.x] = 0xFFu;
   const float scale = p.score_scale / kLog2e;
   const int64_t kv_row0 = (b * S.kv_heads + kv_head) * int64_t(layout.num_keys);
@@ -701,18 +728,12 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
       key_pos[threadIdx.x] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
     }
     __syncthreads();
-    for (int x = threadIdx.x; x < kTileKeys * kChunks; x += kTileThreads) {
-      const int j = x / kChunks, c = x % kChunks;
-      uint4 k_chunk = make_uint4(0, 0, 0, 0), v_chunk = make_uint4(0, 0, 0, 0);
-      if (key_pos[j] >= 0) {
-        const uint16_t* k = reinterpret_cast<const uint16_t*>(p.k);
-        const uint16_t* v = reinterpret_cast<const uint16_t*>(p.v);
-        k_chunk = __ldg(reinterpret_cast<const uint4*>(k + p.ks.offset(b, kv_head, key_pos[j]) + c * 8));
-        v_chunk = __ldg(reinterpret_cast<const uint4*>(v + p.vs.offset(b, kv_head, key_pos[j]) + c * 8));
-      }
-      *reinterpret_cast<uint4*>(tile_k + j * kStride + c * 8) = k_chunk;
-      *reinterpret_cast<uint4*>(tile_v + j * kStride + c * 8) = v_chunk;
-    }
+    auto key_rows = [&](const void* src, const Strides4& s) {
+      const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
+      return [=](int j) { return key_pos[j] >= 0 ? base + key_pos[j] * s.row : nullptr; };
+    };
+    load_tile_rows<D>(tile_k, key_rows(p.k, p.ks));
+    load_tile_rows<D>(tile_v, key_rows(p.v, p.vs));
     float dv[D / 8][4], dk[D / 8][4];
     zero_fragments(dv);
     zero_fragments(dk);
@@ -732,20 +753,16 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
         row_limit[x] = limit;
       }
       __syncthreads();
-      for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
-        const int r = x / kChunks, c = x % kChunks;
-        const int64_t stat = row_stat[r];
-        uint4 q_chunk = make_uint4(0, 0, 0, 0), g_chunk = make_uint4(0, 0, 0, 0);
-        if (stat >= 0) {
-          const int64_t head = (stat / S.q_len) % S.q_heads, i = stat % S.q_len;
-          const uint16_t* q = reinterpret_cast<const uint16_t*>(p.q);
-          const uint16_t* go = reinterpret_cast<const uint16_t*>(p.grad_out);
-          q_chunk = __ldg(reinterpret_cast<const uint4*>(q + p.qs.offset(b, head, i) + c * 8));
-          g_chunk = __ldg(reinterpret_cast<const uint4*>(go + p.gs.offset(b, head, i) + c * 8));
-        }
-        *reinterpret_cast<uint4*>(tile_q + r * kStride + c * 8) = q_chunk;
-        *reinterpret_cast<uint4*>(tile_grad + r * kStride + c * 8) = g_chunk;
-      }
+      auto query_rows = [&](const void* src, const Strides4& s) {
+        const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
+        return [=](int r) -> const uint16_t* {
+          const int64_t stat = row_stat[r];
+          if (stat < 0) return nullptr;
+          return base + s.offset(b, (stat / S.q_len) % S.q_heads, stat % S.q_len);
+        };
+      };
+      load_tile_rows<D>(tile_q, query_rows(p.q, p.qs));
+      load_tile_rows<D>(tile_grad, query_rows(p.grad_out, p.gs));
       __syncthreads();
 
       // this warp's 16 rows: P = 2^(S - lse) where the key is visible, dS = P (dP - delta)
@@ -756,23 +773,11 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
       for (int h = 0; h < 2; ++h) {
         const int row = warp * 16 + g + 8 * h;
         const int64_t stat = row_stat[row];
-        const float lse2 = stat >= 0 ? p.lse_in[stat] * kLog2e : kNegInf;
-        const float delta = stat >= 0 ? p.delta[stat] : 0.f;
-#pragma unroll
-        for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int32_t pos = key_pos[nb * 8 + 2 * t4 + c];
-            const float pj = pos >= 0 && pos <= row_limit[row] && lse2 != kNegInf
-                                 ? exp2_approx(s[nb][2 * h + c] * p.score_scale - lse2)
-                                 : 0.f;
-            s[nb][2 * h + c] = pj;
-            dp[nb][2 * h + c] = pj * (dp[nb][2 * h + c] - delta);
-          }
-          const int at = row * kProbStride + nb * 8 + 2 * t4;
-          *reinterpret_cast<uint32_t*>(tile_probs + at) = pack_pair<T>(s[nb][2 * h], s[nb][2 * h + 1]);
-          *reinterpret_cast<uint32_t*>(tile_dscores + at) = pack_pair<T>(dp[nb][2 * h], dp[nb][2 * h + 1]);
-        }
+        const int32_t limit = row_limit[row];
+        probs_and_dscores<T>(s, dp, h, row, stat >= 0 ? p.lse_in[stat] * kLog2e : kNegInf,
+                             stat >= 0 ? p.delta[stat] : 0.f, p.score_scale,
+                             [&](int j) { return key_pos[j] >= 0 && key_pos[j] <= limit ? 1 : 0; },
+                             tile_probs, tile_dscores);
       }
       __syncthreads();
       // dV += P^T dO, dK += dS^T Q for this warp's 16 keys
@@ -781,18 +786,9 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
       __syncthreads();
     }
 
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int32_t pos = key_pos[warp * 16 + g + 8 * half];
-      if (pos < 0) continue;
-      float* dv_row = p.dv + (kv_row0 + pos) * D + 2 * t4;
-      float* dk_row = p.dk + (kv_row0 + pos) * D + 2 * t4;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        atomic_add_pair(dv_row + dn * 8, dv[dn][2 * half], dv[dn][2 * half + 1]);
-        atomic_add_pair(dk_row + dn * 8, dk[dn][2 * half] * scale, dk[dn][2 * half + 1] * scale);
-      }
-    }
+    auto position = [&](int j) { return key_pos[j]; };
+    add_key_rows<D>(p.dv, kv_row0, warp * 16, dv, 1.f, position);
+    add_key_rows<D>(p.dk, kv_row0, warp * 16, dk, scale, position);
     __syncthreads();  // key_pos and the K/V tiles are rewritten next
   }
 }
