@@ -118,3 +118,51 @@ def q_positions(gen: torch.Generator, batch: int, q_len: int, num_keys: int,
     low = -1 if low is None else low
     return torch.randint(low, num_keys + 1, (batch, q_len), generator=gen, dtype=torch.int32)
 
+
+
+def topk_many_regions(seed: int, regions: int, q_heads: int, q_len: int, kv_heads: int = 2,
+                      head_dim: int = 8):
+    """Small integer-valued q [1, q_heads, q_len, D] and descriptors [1, kv_heads, R, D] over
+    one-key regions, for top-k beyond shared memory (ties decided by the tie rule)."""
+    gen = generator(seed)
+    ptr = torch.arange(regions + 1, dtype=torch.int32)
+    q = torch.randint(-3, 4, (1, q_heads, q_len, head_dim), generator=gen).float()
+    desc = torch.randint(-3, 4, (1, kv_heads, regions, head_dim), generator=gen).float()
+    return q, desc, ptr
+
+
+TILED_CASES = [
+    # B, Hq, Hkv, Lq, N, D, selection heads, causal, k, strided q/k/v
+    (2, 8, 2, 37, 400, 128, "kv", True, 12, False),  # 16 positions per tile, a ragged last tile
+    (1, 4, 4, 70, 300, 64, "kv", False, 9, True),    # G = 1: 64 positions per tile
+    (2, 12, 2, 20, 350, 64, "kv", True, 20, False),  # G = 6: 10 positions, 4 idle rows
+    (1, 4, 1, 90, 500, 128, "q", True, 30, False),   # one selection per query head
+    (1, 2, 1, 40, 200, 128, "kv", True, 200, True),  # k >= R: 10 positions (entries bound)
+    (1, 8, 2, 33, 200, 64, "kv", True, 0, False),    # no slots: fixed tokens only
+    (2, 8, 2, 19, 250, 80, "kv", True, 8, False),    # head dims 80 and 96
+    (1, 4, 4, 40, 260, 96, "kv", False, 6, True),
+]
+
+
+def aligned_tensor(gen: torch.Generator, shape, dtype: torch.dtype, strided: bool,
+                   device: str) -> torch.Tensor:
+    """Normal values; strided: a [B, L, H, D] storage with padded rows, viewed as
+    [B, H, L, D], every row still 16-byte aligned (the tensor-core kernels' requirement)."""
+    if not strided:
+        return torch.randn(shape, generator=gen).to(device, dtype)
+    B, H, L, D = shape
+    return torch.randn(B, L, H, D + 8, generator=gen).to(device, dtype)[..., :D].transpose(1, 2)
+
+
+def tiled_case(case: int, dtype: torch.dtype, device: str):
+    """TILED_CASES[case]: (generator, layout, idx, q_pos or None, [q, k, v]), the index
+    tensors on the CPU, q/k/v on `device`."""
+    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
+    gen = generator(2000 + case)
+    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
+    Hs = Hkv if sel == "kv" else Hq
+    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N) if causal else None
+    qkv = [aligned_tensor(gen, s, dtype, strided, device)
+           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    return gen, layout, idx, q_pos, qkv

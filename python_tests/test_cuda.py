@@ -11,8 +11,9 @@ import torch
 
 import gaze_ext
 from gaze_ext import ops, reference
-from helpers import (atol_for, cuda_ready, error_bound_check, generator, high_precision,
-                     q_positions, random_batch_layout, random_selection)
+from helpers import (TILED_CASES, atol_for, cuda_ready, error_bound_check, generator,
+                     high_precision, random_batch_layout, random_selection, tiled_case,
+                     topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
 
@@ -151,11 +152,7 @@ def test_head_dims(dtype, head_dim):
 
 def test_topk_scratch_paths_match_cpu():
     """Keys and sort buffer past shared memory go to global scratch."""
-    gen = generator(4)
-    R, D = 30000, 8
-    ptr = torch.arange(R + 1, dtype=torch.int32)
-    q = torch.randint(-3, 4, (1, 2, 2, D), generator=gen).float()
-    desc = torch.randint(-3, 4, (1, 2, R, D), generator=gen).float()
+    q, desc, ptr = topk_many_regions(4, 30000, q_heads=2, q_len=2)
     for k in (300, 16000):
         got = ops.region_topk(q.cuda(), desc.cuda(), ptr.cuda(), k, False)
         want = ops.region_topk(q, desc, ptr, k, False)
@@ -181,15 +178,6 @@ def test_many_splits_and_slots_match_cpu(share_kv):
     torch.testing.assert_close(got[1].cpu(), want[1], atol=2e-5, rtol=2e-5)
 
 
-def aligned_tensor(gen, shape, dtype, strided):
-    """Normal values; strided: a [B, L, H, D] storage with padded rows, viewed as
-    [B, H, L, D], every row still 16-byte aligned (the tensor-core kernel's requirement)."""
-    if not strided:
-        return torch.randn(shape, generator=gen).to("cuda", dtype)
-    B, H, L, D = shape
-    return torch.randn(B, L, H, D + 8, generator=gen).to("cuda", dtype)[..., :D].transpose(1, 2)
-
-
 def cuda_kernel_names(fn):
     """Names of the CUDA kernels that fn() launches."""
     from torch.profiler import ProfilerActivity, profile
@@ -199,33 +187,15 @@ def cuda_kernel_names(fn):
     return {event.key for event in prof.key_averages()}
 
 
-TILED_CASES = [
-    # B, Hq, Hkv, Lq, N, D, selection heads, causal, k, strided q/k/v
-    (2, 8, 2, 37, 400, 128, "kv", True, 12, False),  # 16 positions per tile, a ragged last tile
-    (1, 4, 4, 70, 300, 64, "kv", False, 9, True),    # G = 1: 64 positions per tile
-    (2, 12, 2, 20, 350, 64, "kv", True, 20, False),  # G = 6: 10 positions, 4 idle rows
-    (1, 4, 1, 90, 500, 128, "q", True, 30, False),   # one selection per query head
-    (1, 2, 1, 40, 200, 128, "kv", True, 200, True),  # k >= R: 10 positions (entries bound)
-    (1, 8, 2, 33, 200, 64, "kv", True, 0, False),    # no slots: fixed tokens only
-    (2, 8, 2, 19, 250, 80, "kv", True, 8, False),    # head dims 80 and 96
-    (1, 4, 4, 40, 260, 96, "kv", False, 6, True),
-]
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(TILED_CASES)))
 def test_tensor_core_forward_matches_reference(monkeypatch, dtype, case):
     """The tensor-core kernels (forced) and the split-K forward against the reference, on
     ragged tiles, repeats and -1 slots, empty regions, padded fixed tokens, queries that
     see nothing; the profiler confirms which kernels ran."""
-    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
-    gen = generator(2000 + case)
-    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
-    Hs = Hkv if sel == "kv" else Hq
-    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N) if causal else None
-    leaves = [aligned_tensor(gen, s, dtype, strided).requires_grad_()
-              for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    gen, layout, idx, q_pos, qkv = tiled_case(case, dtype, "cuda")
+    K = idx.shape[-1]
+    leaves = [t.requires_grad_() for t in qkv]
     dev = layout.to("cuda")
     args = (dev.region_ptr, dev.region_tokens, dev.fixed_tokens, idx.cuda(),
             None if q_pos is None else q_pos.cuda(), 0.2)

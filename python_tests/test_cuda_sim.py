@@ -13,9 +13,9 @@ import torch
 import cuda_sim
 import gaze_ext
 from gaze_ext import ops, reference
-from helpers import (DTYPES, atol_for, error_bound_check, generator, high_precision,
-                     q_positions, random_batch_layout, random_selection, random_tensor)
-from test_cuda import TILED_CASES
+from helpers import (DTYPES, TILED_CASES, atol_for, error_bound_check, generator,
+                     high_precision, q_positions, random_batch_layout, random_selection,
+                     random_tensor, tiled_case, topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_sim.available(), reason="needs the CUDA headers")
 
@@ -38,14 +38,6 @@ def launched(sim):
     """The kernels run since the last call, by function name."""
     names = [s.split("(")[0].split()[-1].split("::")[-1] for s in sim.take_launched_kernels()]
     return {n.split("<")[0] for n in names}
-
-
-def aligned_tensor(gen, shape, dtype, strided):
-    """As test_cuda.aligned_tensor, on the CPU: rows 16-byte aligned even when strided."""
-    if not strided:
-        return torch.randn(shape, generator=gen).to(dtype)
-    B, H, L, D = shape
-    return torch.randn(B, L, H, D + 8, generator=gen).to(dtype)[..., :D].transpose(1, 2)
 
 
 def assert_scores_equal(got, want):
@@ -161,30 +153,15 @@ def test_region_topk_matches_cpu(sim, share_kv, causal, k):
     assert_scores_equal(got[1], want[1])
 
 
-def test_region_topk_scratch_paths_match_cpu(sim):
-    """Keys and sort buffer past shared memory go to global scratch (test_cuda's case)."""
-    gen = generator(4)
-    R, D = 30000, 8
-    ptr = torch.arange(R + 1, dtype=torch.int32)
-    q = torch.randint(-3, 4, (1, 2, 2, D), generator=gen).float()
-    desc = torch.randint(-3, 4, (1, 2, R, D), generator=gen).float()
-    for k in (300, 16000):
-        got = sim.region_topk(q, desc, ptr, k, False, None, None)
-        want = ops.region_topk(q, desc, ptr, k, False)
-        assert torch.equal(got[0], want[0])
-        assert_scores_equal(got[1], want[1])
-
-
-def test_region_topk_at_the_contract_bounds(sim):
-    """R = 65,536 regions and k = 256, shared selection over a GQA group."""
-    gen = generator(5)
-    R, D = 65536, 8
-    ptr = torch.arange(R + 1, dtype=torch.int32)
-    q = torch.randint(-3, 4, (1, 4, 1, D), generator=gen).float()
-    desc = torch.randint(-3, 4, (1, 2, R, D), generator=gen).float()
-    for k in (256, R):
-        got = sim.region_topk(q, desc, ptr, k, True, None, None)
-        want = ops.region_topk(q, desc, ptr, k, True)
+@pytest.mark.parametrize("regions,q_heads,q_len,share_kv,ks", [
+    (30000, 2, 2, False, (300, 16000)),  # keys and sort buffer in global scratch (test_cuda's case)
+    (65536, 4, 1, True, (256, 65536)),   # the contract's bounds, shared over a GQA group
+])
+def test_region_topk_with_many_regions_matches_cpu(sim, regions, q_heads, q_len, share_kv, ks):
+    q, desc, ptr = topk_many_regions(4, regions, q_heads, q_len)
+    for k in ks:
+        got = sim.region_topk(q, desc, ptr, k, share_kv, None, None)
+        want = ops.region_topk(q, desc, ptr, k, share_kv)
         assert torch.equal(got[0], want[0])
         assert_scores_equal(got[1], want[1])
 
@@ -276,14 +253,8 @@ def test_skipped_invalid_entries_match_their_removal(sim):
 def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
     """test_cuda's tensor-core cases: ragged tiles, G not dividing 64, per-head selection,
     k >= R, no slots, head dims 80/96, strided aligned inputs, queries that see nothing."""
-    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
-    gen = generator(2000 + case)
-    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
-    Hs = Hkv if sel == "kv" else Hq
-    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N) if causal else None
-    qkv = [aligned_tensor(gen, s, dtype, strided)
-           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    gen, layout, idx, q_pos, qkv = tiled_case(case, dtype, "cpu")
+    K = idx.shape[-1]
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.2)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
     out, lse = sim.gaze_attention(*qkv, *args)
