@@ -46,13 +46,16 @@ def assert_scores_equal(got, want):
 
 # ------------------------------------------------------------- the emulator itself
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["a_rows_b_k_major", "a_transposed_b_n_major"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_emulated_mma_is_a_matmul(sim, dtype):
-    """One mma.sync with fragments loaded as mma.cuh documents them (csrc/cuda_sim/selftest.cu)."""
+def test_emulated_mma_is_a_matmul(sim, dtype, transposed):
+    """mma.sync with fragments loaded by mma.cuh's ldmatrix helpers, from the four shared
+    layouts the tensor-core kernels use (csrc/cuda_sim/selftest.cu)."""
     gen = generator(10)
     a = torch.randn(16, 16, generator=gen).to(dtype)
-    b = torch.randn(16, 8, generator=gen).to(dtype)
-    torch.testing.assert_close(sim.selftest_mma(a, b), a.float() @ b.float(), atol=1e-5, rtol=1e-5)
+    b = torch.randn(16, 16, generator=gen).to(dtype)
+    got = sim.selftest_mma(a, b, transposed)
+    torch.testing.assert_close(got, a.float() @ b.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_emulated_warp_collectives(sim):
@@ -75,6 +78,18 @@ def test_emulator_shows_a_missing_barrier(sim):
     assert not torch.equal(sim.selftest_neighbours(False), want)
 
 
+def test_emulated_async_copies_land_at_the_wait(sim):
+    """cp.async data reaches shared memory only when copy_async_wait lets its group complete
+    (then a barrier shares it): a kernel that reads before the wait sees the poison."""
+    src = torch.randn(64, 8, generator=generator(12))
+    want = src.roll(-1, 0)
+    assert torch.equal(sim.selftest_async_copies(src, 2), want)
+    assert sim.selftest_async_copies(src, 0).isnan().all()
+    first_group_only = sim.selftest_async_copies(src, 1)
+    assert torch.equal(first_group_only[:, :4], want[:, :4])
+    assert first_group_only[:, 4:].isnan().all()
+
+
 def test_emulator_reports_deadlocks_traps_and_bad_launches(sim):
     with pytest.raises(RuntimeError, match="deadlock"):
         sim.selftest_divergent()
@@ -82,6 +97,8 @@ def test_emulator_reports_deadlocks_traps_and_bad_launches(sim):
         sim.selftest_trap(torch.zeros(1))
     with pytest.raises(RuntimeError, match="empty grid"):
         sim.selftest_empty_grid(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+        sim.selftest_misaligned_ldmatrix()
 
 
 # ---------------------------------------------------------------------------- region_pool

@@ -16,9 +16,12 @@
 //      up once per run of keys from one region), 0 past the causal limit or
 //      outside [0, N). A step that no row sees is skipped: fixed tokens past the
 //      tile's causal limits cost no matrix math.
-//   3. The step's K and V rows are gathered into shared memory, and each warp
-//      runs its 16 rows against them with mma.sync m16n8k16 (fp16/bf16 in, fp32
-//      accumulate), the multiplicities weighting the softmax.
+//   3. The step's K and V rows are gathered into shared memory with cp.async, and
+//      each warp runs its 16 rows against them with mma.sync m16n8k16 (fp16/bf16 in,
+//      fp32 accumulate; fragments loaded with ldmatrix), the multiplicities weighting
+//      the softmax. The gathers overlap the products: the forward gathers a step's V
+//      rows during S = Q K^T and the next step's K rows during O += P V (steps and
+//      multiplicities are double-buffered for this; the K/V tiles are not).
 // Forward: S = Q K^T, online softmax in registers, O += P V (P rounded to the
 // input type, as in FlashAttention). Backward: S and dP = dO V^T recomputed,
 // P = 2^(S - lse), dS = P (dP - delta); dQ += dS K in registers (the tile owns its
@@ -40,6 +43,7 @@
 #include <type_traits>
 
 #include "../common/op_args.h"
+#include "async_copy.cuh"
 #include "attention_common.cuh"
 #include "mma.cuh"
 
@@ -88,9 +92,9 @@ struct TileSmemLayout {
   int64_t union_id;      // int32 [sort_size]: sorted regions, then the union's region ids
   int64_t union_begin;   // int32 [sort_size]: union region's first index into region_tokens
   int64_t union_offset;  // int32 [sort_size]: union region's first key in the union's key list
-  int64_t weights;       // uint16 [positions][kTileKeys]: the step's multiplicities
+  int64_t weights;       // uint16 [2][positions][kTileKeys]: two steps' multiplicities
   int64_t run_counts;    // uint16 [positions][kTileKeys]: multiplicity per run of the step;
-                         // aliases the V tile, which gather_keys fills only after step_keys
+                         // aliases the K tile, whose next rows are gathered after step_keys
   int64_t total;
 };
 
@@ -109,8 +113,8 @@ GAZE_HD TileSmemLayout tile_smem_layout(int D, int sort_size, int positions, boo
   s.union_begin = s.union_id + 4 * int64_t(sort_size);
   s.union_offset = s.union_begin + 4 * int64_t(sort_size);
   s.weights = s.union_offset + 4 * int64_t(sort_size);
-  s.run_counts = s.v;  // 2 * positions * kTileKeys <= tile bytes: positions <= kTileRows
-  s.total = s.weights + 2 * int64_t(positions) * kTileKeys;
+  s.run_counts = s.k;  // 2 * positions * kTileKeys <= tile bytes: positions <= kTileRows
+  s.total = s.weights + 2 * 2 * int64_t(positions) * kTileKeys;
   return s;
 }
 
@@ -129,21 +133,30 @@ static_assert(kTileRows == kTileKeys, "load_tile_rows fills query and key tiles 
 
 // A shared tile of 64 rows of D 16-bit elements (row stride D + kRowPad) from global
 // memory, 16 bytes per thread at a time: row r from row_source(r), zeros where it is null.
-template <int D, typename RowSource>
+// kAsync: the rows are copied with cp.async, as one group per thread (committed here);
+// they are in place after copy_async_wait and a barrier.
+template <int D, bool kAsync = false, typename RowSource>
 __device__ __forceinline__ void load_tile_rows(uint16_t* dst, RowSource row_source) {
   constexpr int kChunks = D / 8, kStride = D + kRowPad;
   for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
     const int r = x / kChunks, c = x % kChunks;
     const uint16_t* src = row_source(r);
-    uint4 chunk = make_uint4(0, 0, 0, 0);
-    if (src != nullptr) chunk = __ldg(reinterpret_cast<const uint4*>(src + c * 8));
-    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = chunk;
+    uint16_t* chunk_dst = dst + r * kStride + c * 8;
+    if (kAsync && src != nullptr) {
+      copy_async_16(chunk_dst, src + c * 8);
+    } else {
+      uint4 chunk = make_uint4(0, 0, 0, 0);
+      if (src != nullptr) chunk = __ldg(reinterpret_cast<const uint4*>(src + c * 8));
+      *reinterpret_cast<uint4*>(chunk_dst) = chunk;
+    }
   }
+  if (kAsync) copy_async_commit();
 }
 
 // The block's tile and its shared memory.
 template <int D>
 struct TileBlock {
+  static_assert(D % 16 == 0, "fragments are loaded 16 columns at a time");
   static constexpr int kStride = D + kRowPad;  // 16-bit elements per shared row
 
   int64_t b;
@@ -153,11 +166,16 @@ struct TileBlock {
   uint16_t *tile_q, *tile_k, *tile_v, *tile_grad, *tile_probs, *tile_dscores;
   uint64_t* entries;
   int32_t *union_id, *union_begin, *union_offset;
-  uint16_t* weights;
+  // Two steps' keys and multiplicities, [buf]: the kernels compute on one step while
+  // they find the next and gather its K/V rows.
+  StepKeys* steps;
+  uint16_t* weights;  // of step buf at weights + buf * weights_size (an index: no local array)
+  int weights_size;
   uint16_t* run_counts;
   int num_union, num_keys;  // after build_union
 
-  __device__ TileBlock(const TileParams& p, unsigned char* smem, bool backward) {
+  __device__ TileBlock(const TileParams& p, unsigned char* smem, StepKeys* two_steps, bool backward)
+      : steps(two_steps) {
     const AttentionShape& S = p.shape;
     const int tile = int(blockIdx.x % p.position_tiles);
     sel_head = int((blockIdx.x / p.position_tiles) % S.sel_heads);
@@ -180,6 +198,7 @@ struct TileBlock {
     union_begin = reinterpret_cast<int32_t*>(smem + L.union_begin);
     union_offset = reinterpret_cast<int32_t*>(smem + L.union_offset);
     weights = reinterpret_cast<uint16_t*>(smem + L.weights);
+    weights_size = p.positions * kTileKeys;
     run_counts = reinterpret_cast<uint16_t*>(smem + L.run_counts);
   }
 
@@ -244,11 +263,21 @@ struct TileBlock {
     num_keys = layout.num_fixed + block_exclusive_scan(union_offset, num_union, warp_totals);
   }
 
+  // The first step from k0 on whose keys some row sees, its keys and multiplicities in
+  // steps[buf] and weights; num_keys when there is none. All threads call it; it
+  // ends with a barrier when it looked at a step.
+  __device__ int64_t next_step(const TileParams& p, int64_t k0, const int32_t* limits, int buf) const {
+    while (k0 < num_keys && !step_keys(p, k0, limits, buf)) k0 += kTileKeys;
+    return min(k0, int64_t(num_keys));
+  }
+
   // Step 2 for the keys [k0, k0 + kTileKeys): their positions, regions and runs into
-  // `step`, the multiplicities into `weights`. Returns whether any row sees any key;
-  // ends with a barrier.
-  __device__ bool step_keys(const TileParams& p, int64_t k0, const int32_t* limits,
-                            StepKeys& step) const {
+  // steps[buf], the multiplicities into step buf's weights. Returns whether any row sees any key;
+  // ends with a barrier. Writes steps[buf] before its first barrier, run_counts (the K tile)
+  // after it.
+  __device__ bool step_keys(const TileParams& p, int64_t k0, const int32_t* limits, int buf) const {
+    StepKeys& step = steps[buf];
+    uint16_t* step_weights = weights + buf * weights_size;
     const LayoutView& layout = p.layout;
     const int tid = threadIdx.x;
     if (tid < kTileKeys) {
@@ -304,7 +333,7 @@ struct TileBlock {
       const int32_t pos = step.pos[j];
       const int count = pos >= 0 && pos <= limits[position]
                             ? run_counts[position * kTileKeys + step.run[j]] : 0;
-      weights[x] = uint16_t(count);
+      step_weights[x] = uint16_t(count);
       if (count > 0) {
         step.seen[j] = 1;
         seen = 1;
@@ -332,27 +361,32 @@ struct TileBlock {
     return count;
   }
 
-  // Step 3: the seen keys' rows of a [B, Hkv, N, D] tensor into a shared tile
-  // (zeros for the others). No barrier.
-  __device__ void gather_keys(const void* src, const Strides4& s, const StepKeys& step,
-                              uint16_t* dst) const {
+  // Step 3: starts copying the seen keys' rows of step `buf` from a [B, Hkv, N, D] tensor
+  // into a shared tile (zeros for the others), one cp.async group per thread: in place
+  // after copy_async_wait and a barrier.
+  __device__ void gather_keys(const void* src, const Strides4& s, int buf, uint16_t* dst) const {
+    const StepKeys& step = steps[buf];
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
-    load_tile_rows<D>(dst, [&](int j) { return step.seen[j] ? base + step.pos[j] * s.row : nullptr; });
+    load_tile_rows<D, /*kAsync=*/true>(
+        dst, [&](int j) { return step.seen[j] ? base + step.pos[j] * s.row : nullptr; });
   }
 
-  // The multiplicity of the step's key j for this thread's row of selection `sel` (-1: none).
-  __device__ int weight(int sel, int j) const { return sel >= 0 ? weights[sel * kTileKeys + j] : 0; }
+  // The multiplicity of step buf's key j for this thread's row of selection `sel` (-1: none).
+  __device__ int weight(int buf, int sel, int j) const {
+    return sel >= 0 ? weights[buf * weights_size + sel * kTileKeys + j] : 0;
+  }
 
-  // The step's key blocks (bit nb: keys [8 nb, 8 nb + 8)) that some row of `warp` sees;
+  // Step buf's key blocks (bit nb: keys [8 nb, 8 nb + 8)) that some row of `warp` sees;
   // the warp skips the products of the others, whose P and dS are zero for its rows.
   // After step_keys; the whole (active) warp calls it.
-  __device__ uint32_t warp_key_blocks(const TileParams& p, int warp) const {
+  __device__ uint32_t warp_key_blocks(const TileParams& p, int warp, int buf) const {
+    const uint16_t* step_weights = weights + buf * weights_size;
     const int lane = threadIdx.x % 32;
     const int first = warp * 16 / p.heads, last = (min(rows, warp * 16 + 16) - 1) / p.heads;
     bool low = false, high = false;  // keys lane and lane + 32
     for (int position = first; position <= last; ++position) {
-      low |= weights[position * kTileKeys + lane] != 0;
-      high |= weights[position * kTileKeys + lane + 32] != 0;
+      low |= step_weights[position * kTileKeys + lane] != 0;
+      high |= step_weights[position * kTileKeys + lane + 32] != 0;
     }
     const uint32_t keys[2] = {__ballot_sync(0xFFFFFFFFu, low), __ballot_sync(0xFFFFFFFFu, high)};
     uint32_t blocks = 0;
@@ -373,26 +407,31 @@ __device__ __forceinline__ void zero_fragments(float (&acc)[N][4]) {
   }
 }
 
+// The fragment loads below take 16 x 16 blocks with ldmatrix (mma.cuh): four 16-byte rows
+// per lane and instruction, where 16-bit loads of single elements would need 16 (the
+// shared tiles' row strides, D + 8 and kTileKeys + 8 elements, keep ldmatrix's eight rows
+// of a matrix in distinct banks). Every call is warp-uniform: `blocks` comes from a ballot.
+static_assert(kKeyBlocks % 2 == 0, "key blocks are loaded in pairs");
+
 // acc[nb] = rows [row0, row0 + 16) of `rows_tile` times the kTileKeys rows of
 // `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T; only
 // the key blocks in `blocks` (warp_key_blocks), zeros for the others.
 template <typename T, int D>
 __device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const uint16_t* keys_tile,
                                                 int row0, uint32_t blocks, float (&acc)[kKeyBlocks][4]) {
-  constexpr int kWords = (D + kRowPad) / 2;
-  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const uint32_t* a32 = reinterpret_cast<const uint32_t*>(rows_tile);
-  const uint32_t* b32 = reinterpret_cast<const uint32_t*>(keys_tile);
+  constexpr int kStride = D + kRowPad;
   zero_fragments(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const int w0 = (row0 + g) * kWords + kk * 8 + t4, w1 = w0 + 8 * kWords;
-    const uint32_t a[4] = {a32[w0], a32[w1], a32[w0 + 4], a32[w1 + 4]};
+    uint32_t a[4];
+    load_a_fragment(rows_tile + row0 * kStride + kk * 16, kStride, a);
 #pragma unroll
-    for (int nb = 0; nb < kKeyBlocks; ++nb) {
-      const int key_word = (nb * 8 + g) * kWords + kk * 8 + t4;
-      const uint32_t bk[2] = {b32[key_word], b32[key_word + 4]};
-      if (blocks & (1u << nb)) mma_16x8x16<T>(acc[nb], a, bk);
+    for (int nb = 0; nb < kKeyBlocks; nb += 2) {
+      if (((blocks >> nb) & 3u) == 0) continue;
+      uint32_t bk[4];  // key blocks nb and nb + 1
+      load_b_fragments_n_major(keys_tile + nb * 8 * kStride + kk * 16, kStride, bk);
+      if (blocks & (1u << nb)) mma_16x8x16<T>(acc[nb], a, {bk[0], bk[1]});
+      if (blocks & (2u << nb)) mma_16x8x16<T>(acc[nb + 1], a, {bk[2], bk[3]});
     }
   }
 }
@@ -412,10 +451,11 @@ __device__ __forceinline__ void probs_times_keys(const float (&probs)[kKeyBlocks
                            pack_pair<T>(probs[2 * ks + 1][0], probs[2 * ks + 1][1]),
                            pack_pair<T>(probs[2 * ks + 1][2], probs[2 * ks + 1][3])};
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      uint32_t bk[2];
-      b_fragment_k_major(keys_tile + ks * 16 * kStride + dn * 8, kStride, bk);
-      mma_16x8x16<T>(acc[dn], a, bk);
+    for (int dn = 0; dn < D / 8; dn += 2) {
+      uint32_t bk[4];  // columns dn and dn + 1
+      load_b_fragments_k_major(keys_tile + ks * 16 * kStride + dn * 8, kStride, bk);
+      mma_16x8x16<T>(acc[dn], a, {bk[0], bk[1]});
+      mma_16x8x16<T>(acc[dn + 1], a, {bk[2], bk[3]});
     }
   }
 }
@@ -432,15 +472,14 @@ __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const ui
 #pragma unroll
   for (int ks = 0; ks < kTileRows / 16; ++ks) {
     if (((warp_blocks[ks] >> (key0 / 8)) & 3u) == 0) continue;
-    uint32_t lo[2], hi[2];  // keys key0 + g and key0 + g + 8 (by_row is the transposed A)
-    b_fragment_k_major(by_row + ks * 16 * kProbStride + key0, kProbStride, lo);
-    b_fragment_k_major(by_row + ks * 16 * kProbStride + key0 + 8, kProbStride, hi);
-    const uint32_t a[4] = {lo[0], hi[0], lo[1], hi[1]};
+    uint32_t a[4];
+    load_a_fragment_transposed(by_row + ks * 16 * kProbStride + key0, kProbStride, a);
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      uint32_t br[2];
-      b_fragment_k_major(rows_tile + ks * 16 * kStride + dn * 8, kStride, br);
-      mma_16x8x16<T>(acc[dn], a, br);
+    for (int dn = 0; dn < D / 8; dn += 2) {
+      uint32_t br[4];
+      load_b_fragments_k_major(rows_tile + ks * 16 * kStride + dn * 8, kStride, br);
+      mma_16x8x16<T>(acc[dn], a, {br[0], br[1]});
+      mma_16x8x16<T>(acc[dn + 1], a, {br[2], br[3]});
     }
   }
 }
@@ -492,10 +531,10 @@ __device__ __forceinline__ void add_key_rows(float* dst, int64_t row0, int key0,
 template <typename T, int D>
 __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(TileParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ StepKeys step;
+  __shared__ StepKeys steps[2];
   __shared__ int32_t limits[kTileRows];  // causal limit per position (-1: no query)
   __shared__ int32_t warp_totals[kTileWarps];
-  TileBlock<D> tb(p, smem, /*backward=*/false);
+  TileBlock<D> tb(p, smem, steps, /*backward=*/false);
   tb.load_rows(p, p.q, p.qs, tb.tile_q);
   tb.build_union(p, limits, warp_totals);
 
@@ -507,15 +546,19 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   float row_max[2] = {kNegInf, kNegInf};
   float row_sum[2] = {0.f, 0.f};  // over this thread's columns; the quad adds up at the end
 
-  for (int64_t k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
-    if (!tb.step_keys(p, k0, limits, step)) continue;
-    tb.gather_keys(p.k, p.ks, step, tb.tile_k);
-    tb.gather_keys(p.v, p.vs, step, tb.tile_v);
-    __syncthreads();
+  // The gathers fly while the tensor cores work: a step's V rows during S = Q K^T and
+  // the softmax (and the search for the next step), the next step's K rows during O += P V.
+  int buf = 0;
+  int64_t k0 = tb.next_step(p, 0, limits, buf);
+  if (k0 < tb.num_keys) tb.gather_keys(p.k, p.ks, buf, tb.tile_k);
+  while (k0 < tb.num_keys) {
+    copy_async_wait<0>();
+    __syncthreads();  // the step's K rows are in; every warp is done with the V tile
+    tb.gather_keys(p.v, p.vs, buf, tb.tile_v);
 
-    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp) : 0u;
+    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp, buf) : 0u;
+    float s[kKeyBlocks][4];
     if (blocks != 0) {  // else no row of this warp sees a key of the step: nothing changes
-      float s[kKeyBlocks][4];
       rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
       // multiplicities and the online softmax (h: row[h], elements 2h and 2h + 1)
 #pragma unroll
@@ -525,7 +568,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
         for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const bool on = tb.weight(sel[h], nb * 8 + 2 * t4 + c) > 0;
+            const bool on = tb.weight(buf, sel[h], nb * 8 + 2 * t4 + c) > 0;
             const float x = on ? s[nb][2 * h + c] * p.score_scale : kNegInf;
             s[nb][2 * h + c] = x;
             step_max = fmaxf(step_max, x);
@@ -542,7 +585,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
         for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const int count = tb.weight(sel[h], nb * 8 + 2 * t4 + c);
+            const int count = tb.weight(buf, sel[h], nb * 8 + 2 * t4 + c);
             const float pj = count > 0 ? float(count) * exp2_approx(s[nb][2 * h + c] - safe) : 0.f;
             s[nb][2 * h + c] = pj;
             sum += pj;
@@ -555,10 +598,17 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
           acc[dn][2 * h + 1] *= rescale;
         }
       }
-      probs_times_keys<T, D>(s, blocks, tb.tile_v, acc);
     }
-    // No barrier: the next step writes only `step` before step_keys' first barrier, and
-    // nothing here reads it; the K/V tiles and run_counts are written after its barriers.
+
+    // The next step (its barriers: every warp is done with the K tile, which run_counts
+    // aliases), then this step's V rows.
+    const int64_t next = tb.next_step(p, k0 + kTileKeys, limits, buf ^ 1);
+    copy_async_wait<0>();
+    __syncthreads();  // the V rows are in
+    if (next < tb.num_keys) tb.gather_keys(p.k, p.ks, buf ^ 1, tb.tile_k);
+    if (blocks != 0) probs_times_keys<T, D>(s, blocks, tb.tile_v, acc);
+    k0 = next;
+    buf ^= 1;
   }
 
   if (!warp_active) return;
@@ -584,11 +634,11 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
 template <typename T, int D>
 __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(TileParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ StepKeys step;
+  __shared__ StepKeys steps[2];
   __shared__ int32_t limits[kTileRows];
   __shared__ int32_t warp_totals[kTileWarps];
   __shared__ uint32_t warp_blocks[kTileWarps];  // each warp's warp_key_blocks this step
-  TileBlock<D> tb(p, smem, /*backward=*/true);
+  TileBlock<D> tb(p, smem, steps, /*backward=*/true);
   tb.load_rows(p, p.q, p.qs, tb.tile_q);
   tb.load_rows(p, p.grad_out, p.gs, tb.tile_grad);
   for (int x = threadIdx.x; x < kTileRows * kProbStride; x += kTileThreads) {  // idle rows stay 0
@@ -615,45 +665,63 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
   float dq[D / 8][4] = {};
   const int64_t kv_row0 = (tb.b * S.kv_heads + tb.kv_head) * int64_t(p.layout.num_keys);
 
-  for (int64_t k0 = 0; k0 < tb.num_keys; k0 += kTileKeys) {
-    if (!tb.step_keys(p, k0, limits, step)) continue;
-    tb.gather_keys(p.k, p.ks, step, tb.tile_k);
-    tb.gather_keys(p.v, p.vs, step, tb.tile_v);
-    __syncthreads();
+  // The gathers fly while the tensor cores work: a step's V rows during S = Q K^T, the
+  // next step's K and V rows during this step's dK/dV products (when the tile adds them).
+  int buf = 0;
+  int64_t k0 = tb.next_step(p, 0, limits, buf);
+  if (k0 < tb.num_keys) {
+    tb.gather_keys(p.k, p.ks, buf, tb.tile_k);
+    tb.gather_keys(p.v, p.vs, buf, tb.tile_v);
+  }
+  while (k0 < tb.num_keys) {
+    copy_async_wait<1>();
+    __syncthreads();  // the step's K rows are in; every warp is done with the P and dS tiles
 
-    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp) : 0u;
+    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp, buf) : 0u;
     if (lane == 0) warp_blocks[warp] = blocks;
+    float s[kKeyBlocks][4];
+    if (warp_active) rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
+    copy_async_wait<0>();
+    __syncthreads();  // the V rows are in
     if (warp_active) {  // idle rows' P and dS stay zero from the start
-      float s[kKeyBlocks][4], dp[kKeyBlocks][4];
-      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
+      float dp[kKeyBlocks][4];
       rows_times_keys<T, D>(tb.tile_grad, tb.tile_v, warp * 16, blocks, dp);
       // P and dS (with multiplicities) to shared memory for dV, dK
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         probs_and_dscores<T>(s, dp, h, row[h], lse2[h], delta[h], p.score_scale,
-                             [&](int j) { return tb.weight(sel[h], j); }, tb.tile_probs, tb.tile_dscores);
+                             [&](int j) { return tb.weight(buf, sel[h], j); }, tb.tile_probs,
+                             tb.tile_dscores);
       }
       probs_times_keys<T, D>(dp, blocks, tb.tile_k, dq);
     }
-    __syncthreads();
+    __syncthreads();  // P and dS are in; every warp is done with the K and V tiles
 
+    const int64_t next = tb.next_step(p, k0 + kTileKeys, limits, buf ^ 1);
+    if (next < tb.num_keys) {
+      tb.gather_keys(p.k, p.ks, buf ^ 1, tb.tile_k);
+      tb.gather_keys(p.v, p.vs, buf ^ 1, tb.tile_v);
+    }
     // dV += P^T dO and dK += scale dS^T Q for this warp's 16 keys, to global memory (only
     // the fixed tokens' when the key-major pass adds the regions')
-    if (p.region_keys_elsewhere && k0 >= p.layout.num_fixed) continue;  // the barrier above ends the step
-    const int key0 = warp * 16;
-    float grad_keys[D / 8][4];
+    if (!(p.region_keys_elsewhere && k0 >= p.layout.num_fixed)) {
+      const StepKeys& step = steps[buf];
+      const int key0 = warp * 16;
+      float grad_keys[D / 8][4];
 #pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
-      zero_fragments(grad_keys);
-      keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
-                            pass == 0 ? tb.tile_grad : tb.tile_q, key0, warp_blocks, grad_keys);
-      add_key_rows<D>(pass == 0 ? p.dv : p.dk, kv_row0, key0, grad_keys, pass == 0 ? 1.f : scale,
-                      [&](int j) {
-                        const bool here = step.seen[j] && !(p.region_keys_elsewhere && step.region[j] >= 0);
-                        return here ? step.pos[j] : -1;
-                      });
+      for (int pass = 0; pass < 2; ++pass) {
+        zero_fragments(grad_keys);
+        keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
+                              pass == 0 ? tb.tile_grad : tb.tile_q, key0, warp_blocks, grad_keys);
+        add_key_rows<D>(pass == 0 ? p.dv : p.dk, kv_row0, key0, grad_keys, pass == 0 ? 1.f : scale,
+                        [&](int j) {
+                          const bool here = step.seen[j] && !(p.region_keys_elsewhere && step.region[j] >= 0);
+                          return here ? step.pos[j] : -1;
+                        });
+      }
     }
-    __syncthreads();
+    k0 = next;
+    buf ^= 1;
   }
 
   if (!warp_active) return;

@@ -11,6 +11,7 @@
 //     c[0], c[1]: (row g, cols 2t, 2t+1)     c[2], c[3]: (row g + 8, cols 2t, 2t+1)
 // So the C fragments of two adjacent n-blocks, rounded to 16 bits, are the A
 // fragment of the next product (as in FlashAttention-2): P never leaves registers.
+// A and B fragments come from shared memory with ldmatrix (load_a_fragment and the like).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,21 +68,64 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   }
 }
 
-// Two 16-bit elements (raw bits), `lo` in the low 16 bits.
-__device__ __forceinline__ uint32_t pack_raw_pair(uint16_t lo, uint16_t hi) {
-  return uint32_t(lo) | (uint32_t(hi) << 16);
+// Four 8 x 8 matrices of 16-bit elements from shared memory in one instruction
+// (ldmatrix.x4; the whole warp calls it): lane l gives the address of row l % 8 of
+// matrix l / 8 (8 elements, 16-byte aligned). Register i receives matrix i, lane (g, t)
+// holding (row g; cols 2t, 2t+1), or with kTransposed (rows 2t, 2t+1; col g).
+template <bool kTransposed>
+__device__ __forceinline__ void load_matrices_x4(const uint16_t* row_address, uint32_t (&r)[4]) {
+#if GAZE_HAS_MMA
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  if constexpr (kTransposed) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#elif defined(GAZE_CUDA_SIM)
+  ::gaze_sim::load_matrices_x4(row_address, kTransposed, r);
+#else
+  __trap();  // never launched: the host checks the binary's architecture
+#endif
 }
 
-// The B fragment of a 16 x 8 (k x n) block stored k-major in shared memory: element
-// (k, n) at base[k * stride + n]. Lane (g, t) takes column g, rows 2t, 2t+1 and 2t+8, 2t+9.
-// (An A fragment of a block stored transposed, element (m, k) at base[k * stride + m], is
-// two of these: columns m and m + 8.)
-__device__ __forceinline__ void b_fragment_k_major(const uint16_t* base, int stride,
-                                                   uint32_t (&b)[2]) {
-  const int lane = threadIdx.x % 32;
-  const uint16_t* p = base + (2 * (lane % 4)) * stride + lane / 4;
-  b[0] = pack_raw_pair(p[0], p[stride]);
-  b[1] = pack_raw_pair(p[8 * stride], p[9 * stride]);
+// The fragments below are 16 x 16 blocks of a shared tile with row stride `stride`
+// (elements; 16-byte rows) starting at `base`, as four 8 x 8 matrices. Lane l addresses
+// row l % 8 of stored 8 x 8 block (block_row, block_col) for matrix l / 8.
+__device__ __forceinline__ const uint16_t* matrix_row(const uint16_t* base, int stride, int block_row,
+                                                      int block_col) {
+  return base + (8 * block_row + threadIdx.x % 8) * stride + 8 * block_col;
+}
+
+// The A fragment of a 16 x 16 (m x k) block stored row-major: (m, k) at base[m * stride + k].
+__device__ __forceinline__ void load_a_fragment(const uint16_t* base, int stride, uint32_t (&a)[4]) {
+  const int m = threadIdx.x % 32 / 8;  // a[m]: rows +8 when m is odd, cols +8 when m >= 2
+  load_matrices_x4<false>(matrix_row(base, stride, m % 2, m / 2), a);
+}
+
+// The A fragment of a 16 x 16 (m x k) block stored transposed: (m, k) at base[k * stride + m].
+__device__ __forceinline__ void load_a_fragment_transposed(const uint16_t* base, int stride,
+                                                           uint32_t (&a)[4]) {
+  const int m = threadIdx.x % 32 / 8;
+  load_matrices_x4<true>(matrix_row(base, stride, m / 2, m % 2), a);
+}
+
+// The B fragments of two adjacent 16 x 8 (k x n) blocks, columns [0, 8) into b[0], b[1]
+// and [8, 16) into b[2], b[3], stored k-major: (k, n) at base[k * stride + n].
+__device__ __forceinline__ void load_b_fragments_k_major(const uint16_t* base, int stride,
+                                                         uint32_t (&b)[4]) {
+  const int m = threadIdx.x % 32 / 8;  // b[m]: rows +8 when m is odd, cols +8 when m >= 2
+  load_matrices_x4<true>(matrix_row(base, stride, m % 2, m / 2), b);
+}
+
+// The same, stored n-major: (k, n) at base[n * stride + k] (keys' rows for Q K^T).
+__device__ __forceinline__ void load_b_fragments_n_major(const uint16_t* base, int stride,
+                                                         uint32_t (&b)[4]) {
+  const int m = threadIdx.x % 32 / 8;
+  load_matrices_x4<false>(matrix_row(base, stride, m / 2, m % 2), b);
 }
 
 }  // namespace gaze::cuda

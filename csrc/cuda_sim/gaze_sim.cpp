@@ -109,6 +109,7 @@ struct SharedVariable {
   size_t size;
 };
 std::map<const void*, SharedVariable> g_static_shared;  // static_shared's storage, by key
+size_t g_dynamic_shared_bytes = 0;                      // the launch's
 uint32_t g_launches = 0;                           // seeds each launch's thread order
 
 void yield() {
@@ -220,6 +221,8 @@ void run_block(Block& b, std::mt19937& random) {
     Fiber& f = b.fibers[i];
     f.state = FiberState::kReady;
     f.collectives = 0;
+    f.async_copies.clear();  // copies a thread never waited for are dropped
+    f.async_groups.clear();
     f.stack_pointer = initial_stack(b.stacks[i].get(), kStackBytes);
   }
   b.barrier_or = 0;
@@ -271,6 +274,59 @@ const unsigned char* warp_exchange(unsigned mask, const void* value, size_t byte
 
 void trap() { throw Trap{}; }
 
+namespace {
+
+// Whether the 16 bytes at p lie in the dynamic shared memory or a __shared__ variable.
+bool in_shared_memory(const unsigned char* p) {
+  bool in_shared = p >= g_dynamic_shared && p + 16 <= g_dynamic_shared + g_dynamic_shared_bytes;
+  for (const auto& [key, v] : g_static_shared) {
+    in_shared = in_shared || (p >= v.bytes.get() && p + 16 <= v.bytes.get() + v.size);
+  }
+  return in_shared;
+}
+
+bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+void copy_async(void* dst, const void* src) {
+  TORCH_CHECK(aligned_16(dst) && aligned_16(src), "gaze_sim: cp.async addresses are not 16-byte aligned");
+  TORCH_CHECK(in_shared_memory(static_cast<unsigned char*>(dst)),
+              "gaze_sim: cp.async destination outside shared memory");
+  g_current->async_copies.push_back({dst, src});
+}
+
+void copy_async_commit() { g_current->async_groups.push_back(g_current->async_copies.size()); }
+
+void copy_async_wait(int pending_groups) {
+  Fiber& me = *g_current;
+  if (int(me.async_groups.size()) <= pending_groups) return;
+  const size_t done = me.async_groups[me.async_groups.size() - pending_groups - 1];
+  for (size_t i = 0; i < done; ++i) std::memcpy(me.async_copies[i].dst, me.async_copies[i].src, 16);
+  me.async_copies.erase(me.async_copies.begin(), me.async_copies.begin() + done);
+  me.async_groups.erase(me.async_groups.begin(), me.async_groups.end() - pending_groups);
+  for (size_t& end : me.async_groups) end -= done;
+}
+
+void load_matrices_x4(const void* row_address, bool transposed, uint32_t (&r)[4]) {
+  TORCH_CHECK(aligned_16(row_address), "gaze_sim: ldmatrix row address of lane ", lane_id(),
+              " is not 16-byte aligned");
+  TORCH_CHECK(in_shared_memory(static_cast<const unsigned char*>(row_address)),
+              "gaze_sim: ldmatrix row address of lane ", lane_id(), " is outside shared memory");
+  const unsigned char* slots = warp_exchange(0xFFFFFFFFu, &row_address, sizeof(row_address));
+  auto row = [&](int lane) {
+    const uint16_t* p;
+    std::memcpy(&p, slots + 32 * lane, sizeof(p));
+    return p;
+  };
+  const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t lo = transposed ? row(8 * i + 2 * t)[g] : row(8 * i + g)[2 * t];
+    const uint16_t hi = transposed ? row(8 * i + 2 * t + 1)[g] : row(8 * i + g)[2 * t + 1];
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+}
+
 void* static_shared(const void* key, size_t bytes) {
   auto found = g_static_shared.find(key);
   if (found == g_static_shared.end()) {
@@ -316,6 +372,7 @@ void launch_blocks(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
   g_grid_dim = grid;
   g_block_dim = block;
   g_dynamic_shared = shared.get();
+  g_dynamic_shared_bytes = shared_bytes;
   try {
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {

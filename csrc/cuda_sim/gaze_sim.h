@@ -39,6 +39,7 @@
 #include <functional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 // cuda_runtime.h declares these for `const void*` only outside nvcc.
 template <typename... Params>
@@ -58,11 +59,18 @@ namespace gaze_sim {
 
 enum class FiberState { kReady, kAtBlockBarrier, kAtWarpCollective, kDone };
 
+struct AsyncCopy {  // cp.async of 16 bytes, not yet done
+  void* dst;
+  const void* src;
+};
+
 struct Fiber {
   uint3 thread;
   FiberState state = FiberState::kReady;
   unsigned collectives = 0;       // warp collectives passed: picks the exchange buffer
   void* stack_pointer = nullptr;  // saved while switched out
+  std::vector<AsyncCopy> async_copies;  // issued and not yet done, oldest first
+  std::vector<size_t> async_groups;     // committed groups: their ends in async_copies
 };
 
 inline Fiber* g_current = nullptr;
@@ -137,6 +145,22 @@ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) 
     d[i] = sum;
   }
 }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, from the PTX ISA's description of
+// ldmatrix: lane l gives the address of row l % 8 of matrix l / 8 (eight 16-bit
+// elements); lane (g, t) = (l / 4, l % 4) receives in register i elements (g, 2t) and
+// (g, 2t + 1) of matrix i, or with .trans (2t, g) and (2t + 1, g), the first in the low
+// half. Errors on an address that is not 16-byte aligned or not inside shared memory.
+void load_matrices_x4(const void* row_address, bool transposed, uint32_t (&r)[4]);
+
+// cp.async.cg.shared.global of 16 bytes, commit_group and wait_group. A copy is only
+// recorded when issued, and done (its source read then) when a wait_group lets its group
+// complete: shared memory read before the wait (or, from another thread, before the
+// barrier after it) still holds the poison. Errors on a misaligned address or a
+// destination outside shared memory.
+void copy_async(void* dst, const void* src);
+void copy_async_commit();
+void copy_async_wait(int pending_groups);
 
 // The launch's dynamic shared memory (`extern __shared__ T name[]` in a kernel).
 template <typename T>

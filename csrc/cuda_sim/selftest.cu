@@ -1,34 +1,76 @@
-// Kernels that test gaze_sim itself (python_tests/test_cuda_sim.py): its mma.sync
-// against a matmul through mma.cuh's fragment helpers, its warp collectives, and the
+// Kernels that test gaze_sim itself (python_tests/test_cuda_sim.py): its mma.sync and
+// ldmatrix against a matmul through mma.cuh's fragment helpers, its warp collectives, and the
 // errors it must raise. Built only into gaze_sim, never into the package.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../cuda/async_copy.cuh"
 #include "../cuda/cuda_common.cuh"
 #include "../cuda/mma.cuh"
 
 namespace gaze::cuda {
 namespace {
 
-// c [16, 8] = a [16, 16] . b [16, 8] by one warp: A fragments as mma.cuh documents them,
-// B through b_fragment_k_major from a k-major copy in shared memory.
+// c [16, 16] = a [16, 16] . b [16, 16] by one warp, the fragments loaded with mma.cuh's
+// ldmatrix helpers from shared copies: A row-major and B k-major, or (`transposed`) A
+// stored transposed and B n-major, the four layouts the tensor-core kernels use.
 template <typename T>
-__global__ void mma_kernel(const uint16_t* a, const uint16_t* b, float* c) {
-  __shared__ uint16_t b_tile[16 * 8];
+__global__ void mma_kernel(const uint16_t* a, const uint16_t* b, float* c, bool transposed) {
+  constexpr int kStride = 24;  // 16 elements and a pad: 16-byte rows
+  __shared__ __align__(16) uint16_t a_tile[16 * kStride];
+  __shared__ __align__(16) uint16_t b_tile[16 * kStride];
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  for (int i = lane; i < 16 * 8; i += 32) b_tile[i] = b[i];
+  for (int i = lane; i < 16 * 16; i += 32) {
+    const int row = i / 16, col = i % 16;  // a: (m, k), b: (k, n)
+    a_tile[transposed ? col * kStride + row : row * kStride + col] = a[i];
+    b_tile[transposed ? col * kStride + row : row * kStride + col] = b[i];
+  }
   __syncthreads();
-  auto pair = [&](int row, int col) { return pack_raw_pair(a[row * 16 + col], a[row * 16 + col + 1]); };
-  const uint32_t a_frag[4] = {pair(g, 2 * t), pair(g + 8, 2 * t), pair(g, 2 * t + 8), pair(g + 8, 2 * t + 8)};
-  uint32_t b_frag[2];
-  b_fragment_k_major(b_tile, 8, b_frag);
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_16x8x16<T>(d, a_frag, b_frag);
-  c[g * 8 + 2 * t] = d[0];
-  c[g * 8 + 2 * t + 1] = d[1];
-  c[(g + 8) * 8 + 2 * t] = d[2];
-  c[(g + 8) * 8 + 2 * t + 1] = d[3];
+  uint32_t a_frag[4], b_frags[4];
+  if (transposed) {
+    load_a_fragment_transposed(a_tile, kStride, a_frag);
+    load_b_fragments_n_major(b_tile, kStride, b_frags);
+  } else {
+    load_a_fragment(a_tile, kStride, a_frag);
+    load_b_fragments_k_major(b_tile, kStride, b_frags);
+  }
+  for (int half = 0; half < 2; ++half) {  // columns [8 half, 8 half + 8)
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_16x8x16<T>(d, a_frag, {b_frags[2 * half], b_frags[2 * half + 1]});
+    const int col = 8 * half + 2 * t;
+    c[g * 16 + col] = d[0];
+    c[g * 16 + col + 1] = d[1];
+    c[(g + 8) * 16 + col] = d[2];
+    c[(g + 8) * 16 + col + 1] = d[3];
+  }
+}
+
+// ldmatrix from a row address that is not 16-byte aligned: an error.
+__global__ void misaligned_ldmatrix_kernel(float* out) {
+  __shared__ __align__(16) uint16_t tile[8 * 16];
+  for (int i = threadIdx.x; i < 8 * 16; i += 32) tile[i] = 0;
+  __syncthreads();
+  uint32_t r[4];
+  load_matrices_x4<false>(tile + threadIdx.x % 8 * 16 + 1, r);
+  out[threadIdx.x] = float(r[0]);
+}
+
+// Thread i copies src[8i, 8i + 8) into shared memory with cp.async, as two groups of 16
+// bytes, and then (after the barrier) reads its neighbour's eight floats. `waits`: 0: no
+// copy_async_wait, 1: wait for all but the last group, 2: for all.
+__global__ void async_copy_kernel(const float* src /* [8 * 64] */, float* out, int waits) {
+  __shared__ __align__(16) float tile[8 * 64];
+  const int i = threadIdx.x;
+  copy_async_16(tile + 8 * i, src + 8 * i);
+  copy_async_commit();
+  copy_async_16(tile + 8 * i + 4, src + 8 * i + 4);
+  copy_async_commit();
+  if (waits == 1) copy_async_wait<1>();
+  if (waits == 2) copy_async_wait<0>();
+  __syncthreads();
+  const int j = (i + 1) % 64;
+  for (int c = 0; c < 8; ++c) out[8 * i + c] = tile[8 * j + c];
 }
 
 // Per lane of one warp: the warp sum (xor shuffles), the inclusive prefix sum (up
@@ -70,16 +112,28 @@ __global__ void divergent_kernel(float* out) {
 
 __global__ void trap_kernel() { __trap(); }
 
-at::Tensor mma_product(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor c = at::empty({16, 8}, a.options().dtype(at::kFloat));
+at::Tensor mma_product(const at::Tensor& a, const at::Tensor& b, bool transposed) {
+  at::Tensor c = at::empty({16, 16}, a.options().dtype(at::kFloat));
   const auto* a16 = reinterpret_cast<const uint16_t*>(a.data_ptr());
   const auto* b16 = reinterpret_cast<const uint16_t*>(b.data_ptr());
   if (a.scalar_type() == at::kBFloat16) {
-    mma_kernel<__nv_bfloat16><<<1, 32>>>(a16, b16, c.data_ptr<float>());
+    mma_kernel<__nv_bfloat16><<<1, 32>>>(a16, b16, c.data_ptr<float>(), transposed);
   } else {
-    mma_kernel<__half><<<1, 32>>>(a16, b16, c.data_ptr<float>());
+    mma_kernel<__half><<<1, 32>>>(a16, b16, c.data_ptr<float>(), transposed);
   }
   return c;
+}
+
+at::Tensor async_copies(const at::Tensor& src, int64_t waits) {
+  at::Tensor out = at::empty(src.sizes(), src.options());
+  async_copy_kernel<<<1, 64>>>(src.data_ptr<float>(), out.data_ptr<float>(), int(waits));
+  return out;
+}
+
+at::Tensor misaligned_ldmatrix() {
+  at::Tensor out = at::empty({32}, at::kFloat);
+  misaligned_ldmatrix_kernel<<<1, 32>>>(out.data_ptr<float>());
+  return out;
 }
 
 at::Tensor warp_ops(const at::Tensor& x) {
@@ -115,6 +169,8 @@ at::Tensor empty_grid(const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(gaze_sim, m) {
   m.def("selftest_mma", &gaze::cuda::mma_product);
+  m.def("selftest_misaligned_ldmatrix", &gaze::cuda::misaligned_ldmatrix);
+  m.def("selftest_async_copies", &gaze::cuda::async_copies);
   m.def("selftest_warp_ops", &gaze::cuda::warp_ops);
   m.def("selftest_neighbours", &gaze::cuda::neighbours);
   m.def("selftest_divergent", &gaze::cuda::divergent);
