@@ -97,6 +97,11 @@ struct Block {
   void* scheduler = nullptr;  // the scheduler's stack pointer while a fiber runs
   int barrier_or = 0;  // OR of the predicates at the block barrier being filled
   int barrier_result = 0;
+  // How warps advance between barriers, drawn per block: in lockstep (every warp whose lanes
+  // all wait in a collective goes on), or one warp at a time in a random order (each runs
+  // to the barrier before the next starts), which shows a missing barrier between warps.
+  bool warps_in_turn = false;
+  std::vector<int> warp_turn;  // the order of the warps when in turn
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
 };
@@ -159,12 +164,14 @@ std::string where() {
          ", " + std::to_string(g_block_idx.z) + ")";
 }
 
-// Wakes the warps whose 32 lanes all wait in a collective, else the block if all
-// its live threads wait at the barrier; false when neither can go on (deadlock).
+// Wakes the warps whose 32 lanes all wait in a collective (with warps_in_turn, the first
+// of them in warp_turn), else the block if all its live threads wait at the barrier; false
+// when neither can go on (deadlock).
 bool release_waiting(Block& b) {
   bool released = false;
   const int n = int(b.fibers.size());
-  for (int w = 0; w * 32 < n; ++w) {
+  for (int w : b.warp_turn) {
+    if (released && b.warps_in_turn) break;
     const int lanes = std::min(32, n - w * 32);
     int waiting = 0;
     for (int l = 0; l < lanes; ++l) {
@@ -226,6 +233,10 @@ void run_block(Block& b, std::mt19937& random) {
     f.stack_pointer = initial_stack(b.stacks[i].get(), kStackBytes);
   }
   b.barrier_or = 0;
+  b.warp_turn.resize((b.fibers.size() + 31) / 32);
+  std::iota(b.warp_turn.begin(), b.warp_turn.end(), 0);
+  std::shuffle(b.warp_turn.begin(), b.warp_turn.end(), random);
+  b.warps_in_turn = random() % 2 == 1;
   std::vector<int> order(b.fibers.size());
   std::iota(order.begin(), order.end(), 0);
   for (;;) {
@@ -293,6 +304,9 @@ void copy_async(void* dst, const void* src) {
   TORCH_CHECK(aligned_16(dst) && aligned_16(src), "gaze_sim: cp.async addresses are not 16-byte aligned");
   TORCH_CHECK(in_shared_memory(static_cast<unsigned char*>(dst)),
               "gaze_sim: cp.async destination outside shared memory");
+  // Poisoned now, written at the wait: a GPU may write the bytes any time in between, so
+  // a read of the destination by another thread before the issuing thread's barrier shows.
+  std::memset(dst, 0xFF, 16);
   g_current->async_copies.push_back({dst, src});
 }
 
