@@ -296,15 +296,10 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
         error_bound_check(f"d{name}", got, r.grad, s.grad, 3.0, atol_for(dtype))
 
 
-def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
-    """Per-head selection with 120 slots: 2048 entries fit 17 positions, so tiles of 17 rows
-    (a second warp with one row) and a ragged last tile: the per-head prefill configuration."""
-    gen = generator(9)
-    B, Hq, Hkv, Lq, N, D = 1, 2, 1, 40, 700, 64
-    layout = random_batch_layout(gen, B, N, max_regions=160, max_region_size=4, empty_regions=False)
-    idx = random_selection(gen, (B, Hq, Lq, 120), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N, low=N // 2)
-    qkv = [torch.randn(s, generator=gen).bfloat16() for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+def assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, shapes):
+    """The tensor-core forward and backward (with the key-major pass) against the split-K
+    kernels, bf16 q/k/v of `shapes`."""
+    qkv = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
     out, lse = sim.gaze_attention(*qkv, *args)
@@ -319,6 +314,31 @@ def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
     for g, w in zip(grads, want):
         torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
+    """Per-head selection with 120 slots: 2048 entries fit 17 positions, so tiles of 17 rows
+    (a second warp with one row) and a ragged last tile: the per-head prefill configuration."""
+    gen = generator(9)
+    B, Hq, Hkv, Lq, N, D = 1, 2, 1, 40, 700, 64
+    layout = random_batch_layout(gen, B, N, max_regions=160, max_region_size=4, empty_regions=False)
+    idx = random_selection(gen, (B, Hq, Lq, 120), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N, low=N // 2)
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
+                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+
+
+def test_tensor_core_kernels_with_large_regions(sim, monkeypatch):
+    """Regions of up to 200 tokens, each selected by many rows: the key-major pass walks a
+    region in several 64-key steps, each over several chunks of rows."""
+    gen = generator(13)
+    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 60, 900, 64
+    layout = random_batch_layout(gen, B, N, max_regions=6, max_region_size=200)
+    assert int((layout.region_ptr[..., 1:] - layout.region_ptr[..., :-1]).max()) > 64  # two steps
+    idx = random_selection(gen, (B, Hkv, Lq, 3), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N)
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
+                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
 
 
 def test_auto_choice_of_kernels(sim, monkeypatch):

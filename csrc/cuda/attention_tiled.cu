@@ -760,10 +760,11 @@ __global__ void selection_keys_kernel(TileParams p, int64_t* keys /* [B Hs Lq K]
 template <typename T, int D>
 __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(TileParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int32_t key_pos[kTileKeys];   // -1: no key
-  __shared__ int64_t row_stat[kTileRows];  // the row's index into lse/delta ((b Hq + h) Lq + i), -1: none
-  __shared__ int32_t row_limit[kTileRows];
-  __shared__ uint32_t all_rows[kTileWarps];  // keys_times_rows' masks: every row chunk counts
+  __shared__ int32_t key_pos[kTileKeys];      // -1: no key
+  __shared__ int64_t row_stat[2][kTileRows];  // per chunk parity: the row's index into lse/delta
+                                              // ((b Hq + h) Lq + i), -1: none
+  __shared__ int32_t row_limit[2][kTileRows];
+  __shared__ uint32_t all_rows[kTileWarps];   // keys_times_rows' masks: every row chunk counts
   const AttentionShape& S = p.shape;
   const LayoutView& layout = p.layout;
   const int64_t begin = p.selection_offsets[blockIdx.x], end = p.selection_offsets[blockIdx.x + 1];
@@ -789,75 +790,90 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   const int64_t kv_row0 = (b * S.kv_heads + kv_head) * int64_t(layout.num_keys);
   const RegionSpan span = layout.region(b, region);
 
+  // Rows of the chunk from selection e0 into row_stat/row_limit[parity] (row x: selection
+  // e0 + x / heads, head x % heads); the caller synchronizes.
+  auto chunk_rows = [&](int64_t e0, int parity) {
+    if (threadIdx.x >= kTileRows) return;
+    const int x = threadIdx.x;
+    const int64_t e = e0 + x / p.heads;
+    int64_t stat = -1;
+    int32_t limit = -1;
+    if (x < per_chunk * p.heads && e < end) {
+      const int i = int(p.selections[e] % S.q_len);
+      stat = (b * S.q_heads + first_head + x % p.heads) * int64_t(S.q_len) + i;
+      limit = p.q_pos ? p.q_pos[b * S.q_len + i] : kNoCausalLimit;
+    }
+    row_stat[parity][x] = stat;
+    row_limit[parity][x] = limit;
+  };
+  // Starts copying the chunk's rows of a [B, Hq, Lq, D] tensor (one cp.async group).
+  auto gather_rows = [&](const void* src, const Strides4& s, int parity, uint16_t* dst) {
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
+    load_tile_rows<D, /*kAsync=*/true>(dst, [&](int r) -> const uint16_t* {
+      const int64_t stat = row_stat[parity][r];
+      if (stat < 0) return nullptr;
+      return base + s.offset(b, (stat / S.q_len) % S.q_heads, stat % S.q_len);
+    });
+  };
+
+  // The gathers fly while the tensor cores work: a chunk's Q rows during dP = dO V^T, the
+  // next chunk's dO rows during dK += dS^T Q, its Q rows from then on.
   for (int k0 = span.begin; k0 < span.end; k0 += kTileKeys) {
     if (threadIdx.x < kTileKeys) {
       const int t = k0 + threadIdx.x;
       const int32_t pos = t < span.end ? layout.tokens(b)[t] : -1;
       key_pos[threadIdx.x] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
     }
+    chunk_rows(begin, 0);
     __syncthreads();
     auto key_rows = [&](const void* src, const Strides4& s) {
       const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
       return [=](int j) { return key_pos[j] >= 0 ? base + key_pos[j] * s.row : nullptr; };
     };
-    load_tile_rows<D>(tile_k, key_rows(p.k, p.ks));
-    load_tile_rows<D>(tile_v, key_rows(p.v, p.vs));
+    load_tile_rows<D, /*kAsync=*/true>(tile_k, key_rows(p.k, p.ks));
+    load_tile_rows<D, /*kAsync=*/true>(tile_v, key_rows(p.v, p.vs));
+    gather_rows(p.grad_out, p.gs, 0, tile_grad);
+    gather_rows(p.q, p.qs, 0, tile_q);
     float dv[D / 8][4], dk[D / 8][4];
     zero_fragments(dv);
     zero_fragments(dk);
 
     for (int64_t e0 = begin; e0 < end; e0 += per_chunk) {
-      if (threadIdx.x < kTileRows) {  // row x: selection e0 + x / heads, head x % heads
-        const int x = threadIdx.x;
-        const int64_t e = e0 + x / p.heads;
-        int64_t stat = -1;
-        int32_t limit = -1;
-        if (x < per_chunk * p.heads && e < end) {
-          const int i = int(p.selections[e] % S.q_len);
-          stat = (b * S.q_heads + first_head + x % p.heads) * int64_t(S.q_len) + i;
-          limit = p.q_pos ? p.q_pos[b * S.q_len + i] : kNoCausalLimit;
-        }
-        row_stat[x] = stat;
-        row_limit[x] = limit;
-      }
-      __syncthreads();
-      auto query_rows = [&](const void* src, const Strides4& s) {
-        const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
-        return [=](int r) -> const uint16_t* {
-          const int64_t stat = row_stat[r];
-          if (stat < 0) return nullptr;
-          return base + s.offset(b, (stat / S.q_len) % S.q_heads, stat % S.q_len);
-        };
-      };
-      load_tile_rows<D>(tile_q, query_rows(p.q, p.qs));
-      load_tile_rows<D>(tile_grad, query_rows(p.grad_out, p.gs));
-      __syncthreads();
-
+      const int parity = int((e0 - begin) / per_chunk % 2);
+      const int64_t next_e0 = e0 + per_chunk;
+      copy_async_wait<1>();
+      __syncthreads();  // K, V and the chunk's dO rows are in (its Q rows may still fly)
       // this warp's 16 rows: P = 2^(S - lse) where the key is visible, dS = P (dP - delta)
       float s[kKeyBlocks][4], dp[kKeyBlocks][4];
-      rows_times_keys<T, D>(tile_q, tile_k, warp * 16, 0xFFu, s);
       rows_times_keys<T, D>(tile_grad, tile_v, warp * 16, 0xFFu, dp);
+      copy_async_wait<0>();
+      __syncthreads();  // the Q rows are in
+      rows_times_keys<T, D>(tile_q, tile_k, warp * 16, 0xFFu, s);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = warp * 16 + g + 8 * h;
-        const int64_t stat = row_stat[row];
-        const int32_t limit = row_limit[row];
+        const int64_t stat = row_stat[parity][row];
+        const int32_t limit = row_limit[parity][row];
         probs_and_dscores<T>(s, dp, h, row, stat >= 0 ? p.lse_in[stat] * kLog2e : kNegInf,
                              stat >= 0 ? p.delta[stat] : 0.f, p.score_scale,
                              [&](int j) { return key_pos[j] >= 0 && key_pos[j] <= limit ? 1 : 0; },
                              tile_probs, tile_dscores);
       }
-      __syncthreads();
+      if (next_e0 < end) chunk_rows(next_e0, parity ^ 1);
+      __syncthreads();  // P and dS are in
       // dV += P^T dO, dK += dS^T Q for this warp's 16 keys
       keys_times_rows<T, D>(tile_probs, tile_grad, warp * 16, all_rows, dv);
+      __syncthreads();  // every warp is done with the dO rows
+      if (next_e0 < end) gather_rows(p.grad_out, p.gs, parity ^ 1, tile_grad);
       keys_times_rows<T, D>(tile_dscores, tile_q, warp * 16, all_rows, dk);
-      __syncthreads();
+      __syncthreads();  // every warp is done with the Q rows, P and dS
+      if (next_e0 < end) gather_rows(p.q, p.qs, parity ^ 1, tile_q);
     }
 
     auto position = [&](int j) { return key_pos[j]; };
     add_key_rows<D>(p.dv, kv_row0, warp * 16, dv, 1.f, position);
     add_key_rows<D>(p.dk, kv_row0, warp * 16, dk, scale, position);
-    __syncthreads();  // key_pos and the K/V tiles are rewritten next
+    __syncthreads();  // key_pos, row_stat and the K/V tiles are rewritten next
   }
 }
 
