@@ -9,7 +9,9 @@
 //      loads, shuffle reduction);
 //   c. one warp per head updates the base-2 online softmax;
 //   d. threads own (head, 16-byte chunk of D, key subset) and add p * V into the
-//      float32 accumulator in shared memory.
+//      float32 accumulator in shared memory. With 16-byte rows the batch's V rows are
+//      copied to shared memory with cp.async from step a on, so their loads fly while
+//      the K rows are scored.
 // With one split the block writes out and lse; with several it writes partial
 // (max, sum, accumulator) and a second kernel merges them by log-sum-exp.
 #include <ATen/core/Tensor.h>
@@ -21,6 +23,7 @@
 
 #include "../common/dispatch.h"
 #include "../common/op_args.h"
+#include "async_copy.cuh"
 #include "attention_common.cuh"
 
 namespace gaze::cuda {
@@ -34,6 +37,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
   extern __shared__ __align__(16) float smem[];
   float* query = smem;                    // [NH][D], scaled to base-2 scores
   float* acc = query + NH * D;            // [NH][D]
+  T* v_tile = reinterpret_cast<T*>(acc + NH * D);  // kVec: [kKeyBatch][D], the batch's V rows
   __shared__ float probs[NH][kKeyBatch];  // scores, then probabilities
   __shared__ int32_t positions[kKeyBatch];
   __shared__ float row_max[NH], row_sum[NH], rescale[NH];
@@ -78,6 +82,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
       positions[threadIdx.x] = layout.visible(pos, limit) ? pos : -1;
     }
     __syncthreads();
+    if constexpr (kVec) {  // the V rows step d reads; unseen keys' rows stay unread
+      for (int x = threadIdx.x; x < kKeyBatch * chunks; x += kAttnThreads) {
+        const int j = x / chunks, c = x % chunks;
+        const int32_t pos = positions[j];
+        if (pos >= 0) copy_async_16(v_tile + j * D + c * C, v + int64_t(pos) * p.vs.row + int64_t(c) * C);
+      }
+      copy_async_commit();
+    }
 
     // b. scores: one K row per lane group, all heads at once; a group loads the chunks of
     // kRowsInFlight rows before it uses them, so their loads overlap. The trip count is
@@ -137,7 +149,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
 
     // d. acc = acc * rescale + P V
     for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) acc[e] *= rescale[e / D];
-    __syncthreads();
+    if constexpr (kVec) copy_async_wait<0>();
+    __syncthreads();  // (kVec: the V rows are in)
     for (int o = threadIdx.x; o < owners * subsets; o += kAttnThreads) {
       const int owner = o % owners, subset = o / owners;
       const int h = owner / chunks, c = owner % chunks;
@@ -151,7 +164,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
           const int j = j0 + u * subsets;
           const int32_t pos = j < kKeyBatch ? positions[j] : -1;
           w[u] = pos >= 0 ? probs[h][j] : 0.f;
-          if (pos >= 0) {
+          if (pos >= 0 && kVec) {
+            x[u].load_shared(v_tile + j * D + c * C);
+          } else if (pos >= 0) {
             x[u].load(v + int64_t(pos) * p.vs.row + int64_t(c) * C);
           } else {
             x[u].zero();
@@ -326,16 +341,16 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
     p.partial_stats = stats.data_ptr<float>();
     p.partial_acc = partial.data_ptr<float>();
   }
-  const int64_t shared = 2 * int64_t(NH) * a.shape.head_dim * 4;
-  TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget), "gaze.gaze_attention: head dim ",
-              a.shape.head_dim,
-              " is too large for the CUDA kernel");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {
     using T = native_t<decltype(tag)>;
     const int64_t D = a.shape.head_dim;
     const bool vec = rows_vectorizable<T>(p.k, D, {p.ks.batch, p.ks.head, p.ks.row}) &&
                      rows_vectorizable<T>(p.v, D, {p.vs.batch, p.vs.head, p.vs.row});
+    // query and acc (float32), then with 16-byte rows the V tile
+    const int64_t shared = 2 * int64_t(NH) * D * 4 + (vec ? kKeyBatch * D * int64_t(sizeof(T)) : 0);
+    TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget), "gaze.gaze_attention: head dim ",
+                D, " is too large for the CUDA kernel");
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
     switch (NH) {
       case 1: launch_forward<T, 1>(p, vec, shared, stream); break;

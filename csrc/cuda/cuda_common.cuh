@@ -68,6 +68,17 @@ struct RowChunk {
       v[0] = to_float(__ldg(p));
     }
   }
+  // From shared memory (kVectorized: 16-byte aligned).
+  __device__ __forceinline__ void load_shared(const T* p) {
+    if constexpr (kVectorized) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) v[i] = to_float(e[i]);
+    } else {
+      v[0] = to_float(p[0]);
+    }
+  }
   __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) v[i] = 0.f;
