@@ -9,9 +9,10 @@
 //      loads, shuffle reduction);
 //   c. one warp per head updates the base-2 online softmax;
 //   d. threads own (head, 16-byte chunk of D, key subset) and add p * V into the
-//      float32 accumulator in shared memory. With 16-byte rows the batch's V rows are
-//      copied to shared memory with cp.async from step a on, so their loads fly while
-//      the K rows are scored.
+//      float32 accumulator in shared memory.
+// With 16-byte rows, K and V rows are copied to shared tiles with cp.async ahead of
+// their use: the batch's V rows while its K rows are scored, the next batch's K rows
+// during P V, so no step waits for a full load latency once the stream runs.
 // With one split the block writes out and lse; with several it writes partial
 // (max, sum, accumulator) and a second kernel merges them by log-sum-exp.
 #include <ATen/core/Tensor.h>
@@ -37,9 +38,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
   extern __shared__ __align__(16) float smem[];
   float* query = smem;                    // [NH][D], scaled to base-2 scores
   float* acc = query + NH * D;            // [NH][D]
-  T* v_tile = reinterpret_cast<T*>(acc + NH * D);  // kVec: [kKeyBatch][D], the batch's V rows
+  T* k_tile = reinterpret_cast<T*>(acc + NH * D);  // kVec: [kKeyBatch][D], the batch's K rows
+  T* v_tile = k_tile + kKeyBatch * D;              // kVec: [kKeyBatch][D], its V rows
   __shared__ float probs[NH][kKeyBatch];  // scores, then probabilities
-  __shared__ int32_t positions[kKeyBatch];
+  __shared__ int32_t positions[2][kKeyBatch];  // this batch's and the next one's
   __shared__ float row_max[NH], row_sum[NH], rescale[NH];
   __shared__ float subset_sums[kAttnThreads * C];  // step d's partial sums, reduced in order
   __shared__ KeyStream stream;
@@ -73,23 +75,39 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
   const int owners = NH * chunks;
   const int subsets = max(1, min(kKeyBatch, kAttnThreads / max(owners, 1)));
 
-  for (int v0 = 0; v0 < stream.length; v0 += kKeyBatch) {
-    // a. positions
+  // a. the visible positions of batch v0's keys (-1: none) into positions[buf]
+  auto find_positions = [&](int v0, int buf) {
     if (threadIdx.x < kKeyBatch) {
       const int e = v0 + threadIdx.x;
       int32_t pos = -1;
       if (e < stream.length) pos = stream.position(p, unit, e);
-      positions[threadIdx.x] = layout.visible(pos, limit) ? pos : -1;
+      positions[buf][threadIdx.x] = layout.visible(pos, limit) ? pos : -1;
     }
-    __syncthreads();
-    if constexpr (kVec) {  // the V rows step d reads; unseen keys' rows stay unread
-      for (int x = threadIdx.x; x < kKeyBatch * chunks; x += kAttnThreads) {
-        const int j = x / chunks, c = x % chunks;
-        const int32_t pos = positions[j];
-        if (pos >= 0) copy_async_16(v_tile + j * D + c * C, v + int64_t(pos) * p.vs.row + int64_t(c) * C);
-      }
-      copy_async_commit();
+  };
+  // kVec: starts copying the rows of batch buf's visible keys (one cp.async group)
+  auto copy_rows = [&](const T* src, int64_t row_stride, int buf, T* tile) {
+    for (int x = threadIdx.x; x < kKeyBatch * chunks; x += kAttnThreads) {
+      const int j = x / chunks, c = x % chunks;
+      const int32_t pos = positions[buf][j];
+      if (pos >= 0) copy_async_16(tile + j * D + c * C, src + int64_t(pos) * row_stride + int64_t(c) * C);
     }
+    copy_async_commit();
+  };
+
+  // kVec: the loads fly while the block computes: the batch's V rows during its scoring
+  // and softmax, the next batch's K rows during P V, its V rows from then on.
+  find_positions(0, 0);
+  __syncthreads();
+  if constexpr (kVec) {
+    copy_rows(k, p.ks.row, 0, k_tile);
+    copy_rows(v, p.vs.row, 0, v_tile);
+  }
+  for (int v0 = 0, buf = 0; v0 < stream.length; v0 += kKeyBatch, buf ^= 1) {
+    const int32_t* batch_positions = positions[buf];
+    const bool more = v0 + kKeyBatch < stream.length;
+    if constexpr (kVec) copy_async_wait<1>();
+    __syncthreads();  // (kVec: the K rows are in)
+    if (more) find_positions(v0 + kKeyBatch, buf ^ 1);
 
     // b. scores: one K row per lane group, all heads at once; a group loads the chunks of
     // kRowsInFlight rows before it uses them, so their loads overlap. The trip count is
@@ -100,13 +118,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
 #pragma unroll
       for (int u = 0; u < kRowsInFlight; ++u) {
         const int j = j0 + u * groups;
-        pos[u] = j < kKeyBatch ? positions[j] : -1;
+        pos[u] = j < kKeyBatch ? batch_positions[j] : -1;
       }
       for (int c = sub; c < chunks; c += p.lanes) {
         Chunk x[kRowsInFlight];
 #pragma unroll
         for (int u = 0; u < kRowsInFlight; ++u) {
-          if (pos[u] >= 0) {
+          if (pos[u] >= 0 && kVec) {
+            x[u].load_shared(k_tile + (j0 + u * groups) * D + c * C);
+          } else if (pos[u] >= 0) {
             x[u].load(k + int64_t(pos[u]) * p.ks.row + int64_t(c) * C);
           } else {
             x[u].zero();
@@ -150,7 +170,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
     // d. acc = acc * rescale + P V
     for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) acc[e] *= rescale[e / D];
     if constexpr (kVec) copy_async_wait<0>();
-    __syncthreads();  // (kVec: the V rows are in)
+    __syncthreads();  // (kVec: the V rows are in; every thread is done with the K tile)
+    if (kVec && more) copy_rows(k, p.ks.row, buf ^ 1, k_tile);
     for (int o = threadIdx.x; o < owners * subsets; o += kAttnThreads) {
       const int owner = o % owners, subset = o / owners;
       const int h = owner / chunks, c = owner % chunks;
@@ -162,7 +183,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
 #pragma unroll
         for (int u = 0; u < kRowsInFlight; ++u) {
           const int j = j0 + u * subsets;
-          const int32_t pos = j < kKeyBatch ? positions[j] : -1;
+          const int32_t pos = j < kKeyBatch ? batch_positions[j] : -1;
           w[u] = pos >= 0 ? probs[h][j] : 0.f;
           if (pos >= 0 && kVec) {
             x[u].load_shared(v_tile + j * D + c * C);
@@ -191,7 +212,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
       __syncthreads();
       add_subset_sums(subset_sums, owners, subsets, C, chunks, D, unit.num_heads, acc);
     }
-    __syncthreads();
+    __syncthreads();  // every thread is done with the V tile
+    if (kVec && more) copy_rows(v, p.vs.row, buf ^ 1, v_tile);
   }
 
   // out / lse, or this split's partial state
@@ -347,8 +369,8 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
     const int64_t D = a.shape.head_dim;
     const bool vec = rows_vectorizable<T>(p.k, D, {p.ks.batch, p.ks.head, p.ks.row}) &&
                      rows_vectorizable<T>(p.v, D, {p.vs.batch, p.vs.head, p.vs.row});
-    // query and acc (float32), then with 16-byte rows the V tile
-    const int64_t shared = 2 * int64_t(NH) * D * 4 + (vec ? kKeyBatch * D * int64_t(sizeof(T)) : 0);
+    // query and acc (float32), then with 16-byte rows the K and V tiles
+    const int64_t shared = 2 * int64_t(NH) * D * 4 + (vec ? 2 * kKeyBatch * D * int64_t(sizeof(T)) : 0);
     TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget), "gaze.gaze_attention: head dim ",
                 D, " is too large for the CUDA kernel");
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
