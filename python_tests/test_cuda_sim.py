@@ -78,6 +78,15 @@ def test_emulator_shows_a_missing_barrier(sim):
     assert not torch.equal(sim.selftest_neighbours(False), want)
 
 
+def test_emulator_shows_a_missing_barrier_between_warps(sim):
+    """In half the blocks the warps run one at a time from barrier to barrier, so a warp
+    that overwrites what another still has to read, with no barrier between, shows."""
+    i = torch.arange(64)
+    want = ((i ^ 1) + 32) % 64
+    assert torch.equal(sim.selftest_overwrites(True), want.float().expand(16, 64))
+    assert (sim.selftest_overwrites(False) == -1).any()
+
+
 def test_emulated_async_copies_land_at_the_wait(sim):
     """cp.async data reaches shared memory only when copy_async_wait lets its group complete
     (then a barrier shares it): a kernel that reads before the wait sees the poison."""

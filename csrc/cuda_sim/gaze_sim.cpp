@@ -99,7 +99,8 @@ struct Block {
   int barrier_result = 0;
   // How warps advance between barriers, drawn per block: in lockstep (every warp whose lanes
   // all wait in a collective goes on), or one warp at a time in a random order (each runs
-  // to the barrier before the next starts), which shows a missing barrier between warps.
+  // to the barrier before the next starts: the others are held), which shows a missing
+  // barrier between warps.
   bool warps_in_turn = false;
   std::vector<int> warp_turn;  // the order of the warps when in turn
   const std::function<void()>* body = nullptr;
@@ -164,18 +165,27 @@ std::string where() {
          ", " + std::to_string(g_block_idx.z) + ")";
 }
 
-// Wakes the warps whose 32 lanes all wait in a collective (with warps_in_turn, the first
-// of them in warp_turn), else the block if all its live threads wait at the barrier; false
-// when neither can go on (deadlock).
+// Wakes the warps whose 32 lanes all wait in a collective or whose live lanes are all
+// held (with warps_in_turn, only the first of them in warp_turn), else the block if all its
+// live threads wait at the barrier; false when neither can go on (deadlock).
 bool release_waiting(Block& b) {
   bool released = false;
   const int n = int(b.fibers.size());
   for (int w : b.warp_turn) {
     if (released && b.warps_in_turn) break;
     const int lanes = std::min(32, n - w * 32);
-    int waiting = 0;
+    int waiting = 0, held = 0, done = 0;
     for (int l = 0; l < lanes; ++l) {
       waiting += b.fibers[w * 32 + l].state == FiberState::kAtWarpCollective;
+      held += b.fibers[w * 32 + l].state == FiberState::kHeld;
+      done += b.fibers[w * 32 + l].state == FiberState::kDone;
+    }
+    if (held > 0 && held + done == lanes) {  // its turn
+      for (int l = 0; l < lanes; ++l) {
+        if (b.fibers[w * 32 + l].state == FiberState::kHeld) b.fibers[w * 32 + l].state = FiberState::kReady;
+      }
+      released = true;
+      continue;
     }
     if (waiting == 0) continue;
     if (lanes < 32) {
@@ -199,7 +209,7 @@ bool release_waiting(Block& b) {
   b.barrier_result = b.barrier_or;
   b.barrier_or = 0;
   for (Fiber& f : b.fibers) {
-    if (f.state == FiberState::kAtBlockBarrier) f.state = FiberState::kReady;
+    if (f.state == FiberState::kAtBlockBarrier) f.state = b.warps_in_turn ? FiberState::kHeld : FiberState::kReady;
   }
   return true;
 }
@@ -224,19 +234,19 @@ std::string describe_deadlock(const Block& b) {
 // Threads run in a fresh random order after each barrier (seeded per launch and block),
 // so a missing __syncthreads() shows as wrong results whichever thread is late.
 void run_block(Block& b, std::mt19937& random) {
+  b.warp_turn.resize((b.fibers.size() + 31) / 32);
+  std::iota(b.warp_turn.begin(), b.warp_turn.end(), 0);
+  std::shuffle(b.warp_turn.begin(), b.warp_turn.end(), random);
+  b.warps_in_turn = random() % 2 == 1;
   for (size_t i = 0; i < b.fibers.size(); ++i) {
     Fiber& f = b.fibers[i];
-    f.state = FiberState::kReady;
+    f.state = b.warps_in_turn ? FiberState::kHeld : FiberState::kReady;
     f.collectives = 0;
     f.async_copies.clear();  // copies a thread never waited for are dropped
     f.async_groups.clear();
     f.stack_pointer = initial_stack(b.stacks[i].get(), kStackBytes);
   }
   b.barrier_or = 0;
-  b.warp_turn.resize((b.fibers.size() + 31) / 32);
-  std::iota(b.warp_turn.begin(), b.warp_turn.end(), 0);
-  std::shuffle(b.warp_turn.begin(), b.warp_turn.end(), random);
-  b.warps_in_turn = random() % 2 == 1;
   std::vector<int> order(b.fibers.size());
   std::iota(order.begin(), order.end(), 0);
   for (;;) {

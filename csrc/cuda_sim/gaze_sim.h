@@ -57,7 +57,8 @@ cudaError_t gaze_sim_cudaFuncGetAttributes(cudaFuncAttributes* attributes, void 
 
 namespace gaze_sim {
 
-enum class FiberState { kReady, kAtBlockBarrier, kAtWarpCollective, kDone };
+// kHeld: ready, but held back while other warps take their turn (Block::warps_in_turn).
+enum class FiberState { kReady, kHeld, kAtBlockBarrier, kAtWarpCollective, kDone };
 
 struct AsyncCopy {  // cp.async of 16 bytes, not yet done
   void* dst;

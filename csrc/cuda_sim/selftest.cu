@@ -99,6 +99,21 @@ __global__ void neighbour_kernel(float* out, bool barrier) {
   out[i] = slots[(i + 1) % 64];
 }
 
+// Two warps: each reads the other's slots, passes the value through a shuffle, then
+// overwrites its own slots. Right only with the barrier before the overwrite; without it,
+// warps that advanced in lockstep would still read before either overwrote.
+__global__ void overwrite_kernel(float* out /* [gridDim, 64] */, bool barrier) {
+  __shared__ float slots[64];
+  const int i = threadIdx.x;
+  slots[i] = float(i);
+  __syncthreads();
+  float v = slots[(i + 32) % 64];
+  v = __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+  if (barrier) __syncthreads();
+  slots[i] = -1.f;
+  out[blockIdx.x * 64 + i] = v;
+}
+
 // Odd lanes wait at __syncthreads() while even lanes wait in a shuffle: a deadlock.
 __global__ void divergent_kernel(float* out) {
   float v = float(threadIdx.x);
@@ -148,6 +163,12 @@ at::Tensor neighbours(bool barrier) {
   return out;
 }
 
+at::Tensor overwrites(bool barrier) {
+  at::Tensor out = at::empty({16, 64}, at::kFloat);
+  overwrite_kernel<<<16, 64>>>(out.data_ptr<float>(), barrier);
+  return out;
+}
+
 at::Tensor divergent() {
   at::Tensor out = at::empty({32}, at::kFloat);
   divergent_kernel<<<1, 32>>>(out.data_ptr<float>());
@@ -173,6 +194,7 @@ TORCH_LIBRARY_FRAGMENT(gaze_sim, m) {
   m.def("selftest_async_copies", &gaze::cuda::async_copies);
   m.def("selftest_warp_ops", &gaze::cuda::warp_ops);
   m.def("selftest_neighbours", &gaze::cuda::neighbours);
+  m.def("selftest_overwrites", &gaze::cuda::overwrites);
   m.def("selftest_divergent", &gaze::cuda::divergent);
   m.def("selftest_trap", &gaze::cuda::trap);
   m.def("selftest_empty_grid", &gaze::cuda::empty_grid);
