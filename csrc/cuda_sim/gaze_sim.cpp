@@ -116,6 +116,9 @@ struct SharedVariable {
 };
 std::map<const void*, SharedVariable> g_static_shared;  // static_shared's storage, by key
 size_t g_dynamic_shared_bytes = 0;                      // the launch's
+// The byte unwritten shared memory holds, drawn per block: 0xFF (NaN as floats, -1 as
+// integers) in most blocks, 0x00 in a quarter of them (a stale zero count or flag).
+unsigned char g_poison = 0xFF;
 uint32_t g_launches = 0;                           // seeds each launch's thread order
 
 void yield() {
@@ -316,7 +319,7 @@ void copy_async(void* dst, const void* src) {
               "gaze_sim: cp.async destination outside shared memory");
   // Poisoned now, written at the wait: a GPU may write the bytes any time in between, so
   // a read of the destination by another thread before the issuing thread's barrier shows.
-  std::memset(dst, 0xFF, 16);
+  std::memset(dst, g_poison, 16);
   g_current->async_copies.push_back({dst, src});
 }
 
@@ -356,7 +359,7 @@ void* static_shared(const void* key, size_t bytes) {
   if (found == g_static_shared.end()) {
     // new[] of bytes is aligned for any fundamental type; exact size for the sanitizer
     SharedVariable v{std::unique_ptr<unsigned char[]>(new unsigned char[bytes]), bytes};
-    std::memset(v.bytes.get(), 0xFF, bytes);
+    std::memset(v.bytes.get(), g_poison, bytes);
     found = g_static_shared.emplace(key, std::move(v)).first;
   }
   return found->second.bytes.get();
@@ -402,9 +405,10 @@ void launch_blocks(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           g_block_idx = make_uint3(x, y, z);
-          std::memset(shared.get(), 0xFF, shared_bytes);
-          for (auto& [key, v] : g_static_shared) std::memset(v.bytes.get(), 0xFF, v.size);
           std::mt19937 random(uint32_t(g_launches * 1000003u + (z * grid.y + y) * grid.x + x));
+          g_poison = random() % 4 == 0 ? 0x00 : 0xFF;
+          std::memset(shared.get(), g_poison, shared_bytes);
+          for (auto& [key, v] : g_static_shared) std::memset(v.bytes.get(), g_poison, v.size);
           run_block(b, random);
         }
       }

@@ -13,8 +13,9 @@
 //   - __syncthreads() reached while other threads wait in a warp collective, a warp
 //     collective with exited lanes or lanes at different collectives: an error
 //     naming the block, instead of a hang or undefined behaviour;
-//   - shared memory (dynamic and static) is filled with 0xFF bytes (NaN as floats,
-//     -1 as integers) before each block, so reads of unwritten shared memory show;
+//   - shared memory (dynamic and static) is filled before each block with 0xFF bytes
+//     (NaN as floats, -1 as integers), or in a quarter of the blocks with zeros, so
+//     reads of unwritten shared memory show;
 //   - launches of zero blocks, blocks over 1,024 threads, more than 48 KB of
 //     dynamic shared memory without cudaFuncSetAttribute;
 //   - __trap() fails the launch.
@@ -155,7 +156,7 @@ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) 
 void load_matrices_x4(const void* row_address, bool transposed, uint32_t (&r)[4]);
 
 // cp.async.cg.shared.global of 16 bytes, commit_group and wait_group. A copy poisons its
-// destination (0xFF bytes) when issued and is done (its source read then) when a wait_group
+// destination (with the block's poison byte) when issued and is done (its source read then) when a wait_group
 // lets its group complete: a read of the destination after the issue and before the wait
 // (or, from another thread, before the barrier after it) sees the poison, as does a read
 // by another thread that should have finished before the issue. Errors on a misaligned address or a
@@ -170,7 +171,7 @@ T* dynamic_shared() {
   return reinterpret_cast<T*>(g_dynamic_shared);
 }
 
-// Storage of `bytes` for the __shared__ variable identified by `key`, filled with 0xFF
+// Storage of `bytes` for the __shared__ variable identified by `key`, poisoned
 // before every block like the dynamic shared memory (one block runs at a time).
 void* static_shared(const void* key, size_t bytes);
 
