@@ -25,6 +25,7 @@ namespace gaze::cuda {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr int kRowsInFlight = 4;  // descriptor rows a lane group loads before it uses them
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kSharedBudget = 96 * 1024;     // dynamic shared memory per block we use
 constexpr int64_t kScratchBudget = 512ll << 20;  // global scratch per launch when it does not fit
@@ -95,29 +96,42 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   }
   __syncthreads();
 
-  // 2. one order key per region; groups of `lanes` lanes share a descriptor row
+  // 2. one order key per region; groups of `lanes` lanes share a descriptor row, and each
+  // group loads kRowsInFlight rows' chunks before it uses them, so their loads overlap (a
+  // decode step has few rows: one block per row has to keep many loads in flight)
   const T* desc = reinterpret_cast<const T*>(p.desc);
   const int lane = threadIdx.x % 32, sub = lane % p.lanes, group = lane / p.lanes;
   const int groups_per_warp = 32 / p.lanes, chunks = D / C;
   const int row_group = (threadIdx.x / 32) * groups_per_warp + group;
   const int row_groups = kWarps * groups_per_warp;
-  for (int r0 = 0; r0 < R; r0 += row_groups) {  // uniform trip count per warp (shuffles)
-    const int r = r0 + row_group;
-    float partial = 0.f;
-    if (r < R) {
-      const T* drow = desc + p.ds.offset(b, hk, r);
-      for (int c = sub; c < chunks; c += p.lanes) {
-        Chunk x;
-        x.load(drow + int64_t(c) * C);
+  for (int r0 = 0; r0 < R; r0 += row_groups * kRowsInFlight) {  // uniform trip count per warp (shuffles)
+    float partial[kRowsInFlight] = {};
+    for (int c = sub; c < chunks; c += p.lanes) {
+      Chunk x[kRowsInFlight];
 #pragma unroll
-        for (int e = 0; e < C; ++e) partial += query[c * C + e] * x.v[e];
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const int r = r0 + u * row_groups + row_group;
+        if (r < R) {
+          x[u].load(desc + p.ds.offset(b, hk, r) + int64_t(c) * C);
+        } else {
+          x[u].zero();
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+#pragma unroll
+        for (int e = 0; e < C; ++e) partial[u] += query[c * C + e] * x[u].v[e];
       }
     }
-    partial = warp_sum(partial, p.lanes);
-    if (r < R && sub == 0) {
-      // the mean over the group is its sum divided by G, as on the CPU
-      const float score = shared_sel ? partial / float(G) : partial;
-      keys[r] = layout.selectable(b, r, limit) ? score_order_key(score) : 0u;
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      const int r = r0 + u * row_groups + row_group;
+      const float sum = warp_sum(partial[u], p.lanes);
+      if (r < R && sub == 0) {
+        // the mean over the group is its sum divided by G, as on the CPU
+        const float score = shared_sel ? sum / float(G) : sum;
+        keys[r] = layout.selectable(b, r, limit) ? score_order_key(score) : 0u;
+      }
     }
   }
   __syncthreads();
