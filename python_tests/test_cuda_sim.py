@@ -256,6 +256,28 @@ def test_split_kernels_match_cpu(sim, monkeypatch, dtype, case, deterministic):
                                    rtol=1e-2 if dtype != torch.float32 else 1e-4, msg=name)
 
 
+def test_split_forward_without_room_for_its_tiles(sim, monkeypatch):
+    """On a GPU with 64 KB of shared memory per block (sm_75), float32 with D = 256 leaves
+    no room for the split-K forward's K/V tiles: it loads elements instead, with the same
+    results. Runs itself again in a process whose emulated GPU reports that limit."""
+    if "GAZE_SIM_SHARED_OPTIN" not in os.environ:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-p", "no:cacheprovider",
+             "-k", "test_split_forward_without_room_for_its_tiles"],
+            env=dict(os.environ, GAZE_SIM_SHARED_OPTIN=str(64 * 1024)), capture_output=True,
+            text=True, cwd=cuda_sim.ROOT)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    gen, qkv, args = split_case(4, torch.float32)  # D = 256
+    got = sim.gaze_attention(*qkv, *args)
+    assert any("attention_forward_kernel" in name and "kVec = false" in name
+               for name in sim.take_launched_kernels())
+    out, lse = ops.gaze_attention(*qkv, *args)
+    torch.testing.assert_close(got[0], out, atol=atol_for(torch.float32), rtol=1e-5)
+    torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
+
+
 def test_skipped_invalid_entries_match_their_removal(sim):
     """Unchecked, out-of-range slots and fixed positions are skipped, never read."""
     gen = generator(7)

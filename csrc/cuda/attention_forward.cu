@@ -367,12 +367,16 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
   dispatch_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {
     using T = native_t<decltype(tag)>;
     const int64_t D = a.shape.head_dim;
+    // query and acc (float32), then with 16-byte rows the K and V tiles; where the tiles do
+    // not fit (a GPU with little shared memory, D = 256 in float32), element loads instead
+    const int64_t limit = dynamic_shared_limit(kStaticSharedBudget);
+    const int64_t tiles = 2 * kKeyBatch * D * int64_t(sizeof(T));
+    int64_t shared = 2 * int64_t(NH) * D * 4;
     const bool vec = rows_vectorizable<T>(p.k, D, {p.ks.batch, p.ks.head, p.ks.row}) &&
-                     rows_vectorizable<T>(p.v, D, {p.vs.batch, p.vs.head, p.vs.row});
-    // query and acc (float32), then with 16-byte rows the K and V tiles
-    const int64_t shared = 2 * int64_t(NH) * D * 4 + (vec ? 2 * kKeyBatch * D * int64_t(sizeof(T)) : 0);
-    TORCH_CHECK(shared <= dynamic_shared_limit(kStaticSharedBudget), "gaze.gaze_attention: head dim ",
-                D, " is too large for the CUDA kernel");
+                     rows_vectorizable<T>(p.v, D, {p.vs.batch, p.vs.head, p.vs.row}) &&
+                     shared + tiles <= limit;
+    if (vec) shared += tiles;
+    TORCH_CHECK(shared <= limit, "gaze.gaze_attention: head dim ", D, " is too large for the CUDA kernel");
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
     switch (NH) {
       case 1: launch_forward<T, 1>(p, vec, shared, stream); break;

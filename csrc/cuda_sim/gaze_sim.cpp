@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <exception>
 #include <map>
 #include <memory>
@@ -85,6 +86,16 @@ void back_in_fiber(void*) {}
 constexpr size_t kStackBytes = 512 * 1024;
 constexpr size_t kDefaultDynamicShared = 48 * 1024;  // more needs cudaFuncSetAttribute
 constexpr int kDynamicSharedLimit = 227 * 1024;      // H100's opt-in limit per block
+
+// The opt-in limit the emulated GPU reports: H100's, or GAZE_SIM_SHARED_OPTIN bytes (a
+// smaller GPU, for the kernels' fallbacks).
+int shared_optin_limit() {
+  static const int limit = [] {
+    const char* env = std::getenv("GAZE_SIM_SHARED_OPTIN");
+    return env != nullptr ? std::atoi(env) : kDynamicSharedLimit;
+  }();
+  return limit;
+}
 
 struct Trap {};
 
@@ -435,7 +446,7 @@ cudaError_t gaze_sim_cudaGetDevice(int* device) {
 cudaError_t gaze_sim_cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = gaze_sim::kDynamicSharedLimit; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = gaze_sim::shared_optin_limit(); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
     default: return cudaErrorInvalidValue;
@@ -444,7 +455,7 @@ cudaError_t gaze_sim_cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int
 
 cudaError_t gaze_sim_cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      value > gaze_sim::kDynamicSharedLimit) {
+      value > gaze_sim::shared_optin_limit()) {
     return cudaErrorInvalidValue;
   }
   gaze_sim::g_max_dynamic_shared[func] = value;
