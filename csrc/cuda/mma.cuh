@@ -93,39 +93,38 @@ __device__ __forceinline__ void load_matrices_x4(const uint16_t* row_address, ui
 }
 
 // The fragments below are 16 x 16 blocks of a shared tile with row stride `stride`
-// (elements; 16-byte rows) starting at `base`, as four 8 x 8 matrices. Lane l addresses
-// row l % 8 of stored 8 x 8 block (block_row, block_col) for matrix l / 8.
-__device__ __forceinline__ const uint16_t* matrix_row(const uint16_t* base, int stride, int block_row,
-                                                      int block_col) {
-  return base + (8 * block_row + threadIdx.x % 8) * stride + 8 * block_col;
+// (elements; 16-byte rows) starting at `base`, loaded as four 8 x 8 matrices: register i
+// takes stored 8 x 8 block (i % 2, i / 2) (kDownFirst) or (i / 2, i % 2), transposed or not.
+template <bool kTransposed, bool kDownFirst>
+__device__ __forceinline__ void load_16x16(const uint16_t* base, int stride, uint32_t (&r)[4]) {
+  const int i = threadIdx.x % 32 / 8;  // lane l gives row l % 8 of matrix l / 8
+  const int block_row = kDownFirst ? i % 2 : i / 2, block_col = kDownFirst ? i / 2 : i % 2;
+  load_matrices_x4<kTransposed>(base + (8 * block_row + threadIdx.x % 8) * stride + 8 * block_col, r);
 }
 
-// The A fragment of a 16 x 16 (m x k) block stored row-major: (m, k) at base[m * stride + k].
+// The A fragment of a 16 x 16 (m x k) block stored row-major: (m, k) at base[m * stride + k]
+// (a[i]: rows +8 when i is odd, cols +8 when i >= 2).
 __device__ __forceinline__ void load_a_fragment(const uint16_t* base, int stride, uint32_t (&a)[4]) {
-  const int m = threadIdx.x % 32 / 8;  // a[m]: rows +8 when m is odd, cols +8 when m >= 2
-  load_matrices_x4<false>(matrix_row(base, stride, m % 2, m / 2), a);
+  load_16x16</*kTransposed=*/false, /*kDownFirst=*/true>(base, stride, a);
 }
 
 // The A fragment of a 16 x 16 (m x k) block stored transposed: (m, k) at base[k * stride + m].
 __device__ __forceinline__ void load_a_fragment_transposed(const uint16_t* base, int stride,
                                                            uint32_t (&a)[4]) {
-  const int m = threadIdx.x % 32 / 8;
-  load_matrices_x4<true>(matrix_row(base, stride, m / 2, m % 2), a);
+  load_16x16</*kTransposed=*/true, /*kDownFirst=*/false>(base, stride, a);
 }
 
 // The B fragments of two adjacent 16 x 8 (k x n) blocks, columns [0, 8) into b[0], b[1]
 // and [8, 16) into b[2], b[3], stored k-major: (k, n) at base[k * stride + n].
 __device__ __forceinline__ void load_b_fragments_k_major(const uint16_t* base, int stride,
                                                          uint32_t (&b)[4]) {
-  const int m = threadIdx.x % 32 / 8;  // b[m]: rows +8 when m is odd, cols +8 when m >= 2
-  load_matrices_x4<true>(matrix_row(base, stride, m % 2, m / 2), b);
+  load_16x16</*kTransposed=*/true, /*kDownFirst=*/true>(base, stride, b);
 }
 
 // The same, stored n-major: (k, n) at base[n * stride + k] (keys' rows for Q K^T).
 __device__ __forceinline__ void load_b_fragments_n_major(const uint16_t* base, int stride,
                                                          uint32_t (&b)[4]) {
-  const int m = threadIdx.x % 32 / 8;
-  load_matrices_x4<false>(matrix_row(base, stride, m / 2, m % 2), b);
+  load_16x16</*kTransposed=*/false, /*kDownFirst=*/false>(base, stride, b);
 }
 
 }  // namespace gaze::cuda
