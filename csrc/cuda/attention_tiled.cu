@@ -930,8 +930,7 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
 template <typename Kernel>
 bool prepare_launch(Kernel kernel, int64_t shared) {
   if (current_device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return false;
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const cudaFuncAttributes attributes = kernel_attributes(kernel);
   if (attributes.binaryVersion < 80) return false;
   if (shared > dynamic_shared_limit(int64_t(attributes.sharedSizeBytes))) return false;
   allow_dynamic_shared(kernel, shared);

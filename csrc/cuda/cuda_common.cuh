@@ -228,6 +228,25 @@ void allow_dynamic_shared(Kernel kernel, int64_t bytes) {
   current = bytes;
 }
 
+// cudaFuncGetAttributes of `kernel` on the current device, asked of the runtime once
+// (the prefill kernels check their binary's architecture before every launch).
+template <typename Kernel>
+cudaFuncAttributes kernel_attributes(Kernel kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, cudaFuncAttributes> known;  // (kernel, device)
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto found = known.find(key);
+  if (found == known.end()) {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    found = known.emplace(key, attributes).first;
+  }
+  return found->second;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A 1-D grid of `blocks` thread blocks (CUDA allows up to 2^31 - 1 in x).
