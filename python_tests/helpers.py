@@ -119,7 +119,6 @@ def q_positions(gen: torch.Generator, batch: int, q_len: int, num_keys: int,
     return torch.randint(low, num_keys + 1, (batch, q_len), generator=gen, dtype=torch.int32)
 
 
-
 def topk_many_regions(seed: int, regions: int, q_heads: int, q_len: int, kv_heads: int = 2,
                       head_dim: int = 8):
     """Small integer-valued q [1, q_heads, q_len, D] and descriptors [1, kv_heads, R, D] over

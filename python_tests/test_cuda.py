@@ -12,8 +12,8 @@ import torch
 import gaze_ext
 from gaze_ext import ops, reference
 from helpers import (TILED_CASES, atol_for, cuda_ready, error_bound_check, generator,
-                     high_precision, random_batch_layout, random_selection, tiled_case,
-                     topk_many_regions)
+                     high_precision, q_positions, random_batch_layout, random_selection,
+                     tiled_case, topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
 
@@ -227,6 +227,32 @@ def test_tensor_core_forward_matches_reference(monkeypatch, dtype, case):
     (same_out.float() * grad).sum().backward()
     for name, got, r, s in zip("qkv", leaves, ref, same):
         error_bound_check(f"d{name}", got.grad.cpu(), r.grad, s.grad, 3.0, atol_for(dtype))
+
+
+def test_tensor_core_kernels_with_large_regions(monkeypatch):
+    """Regions of up to 200 tokens, each selected by many rows: the key-major pass walks a
+    region in several 64-key steps, each over several chunks of rows (as test_cuda_sim
+    checks on the emulator); forward and gradients against the split-K kernels."""
+    gen = generator(13)
+    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 60, 900, 64
+    layout = random_batch_layout(gen, B, N, max_regions=6, max_region_size=200)
+    assert int((layout.region_ptr[..., 1:] - layout.region_ptr[..., :-1]).max()) > 64  # two steps
+    idx = random_selection(gen, (B, Hkv, Lq, 3), layout.num_regions).cuda()
+    q_pos = q_positions(gen, B, Lq, N).cuda()
+    dev = layout.to("cuda")
+    qkv = [torch.randn(s, generator=gen).to("cuda", torch.bfloat16)
+           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    grad = torch.randn(B, Hq, Lq, D, generator=gen).to("cuda", torch.bfloat16)
+    results = {}
+    for kernel in ("tensor_core", "split"):
+        monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+        leaves = [t.clone().requires_grad_() for t in qkv]
+        out, lse = ops.gaze_attention(*leaves, dev.region_ptr, dev.region_tokens, dev.fixed_tokens,
+                                      idx, q_pos, 0.125)
+        out.backward(grad)
+        results[kernel] = [out, lse] + [t.grad for t in leaves]
+    for got, want in zip(results["tensor_core"], results["split"]):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_tensor_core_forward_is_chosen_for_prefill_and_repeats_bitwise(monkeypatch):
