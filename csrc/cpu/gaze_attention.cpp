@@ -93,7 +93,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> queries(G * D), accum(G * D), scores(G * kKeyBlock), scratch(4 * D);
+    std::vector<acc> queries(G * D), accum(G * D), scores(G * kKeyBlock);
     std::vector<acc> row_max(G), row_sum(G);
     RowGather<scalar_t> rows;
     KeyLists lists;
@@ -120,7 +120,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
           touch_row_start(rows.v + int64_t(next[j]) * rows.v_stride);
         }
         acc* s = scores.data() + g0 * kKeyBlock;
-        dot_rows(queries.data() + g0 * D, gc, rows.k_rows, n, D, s, kKeyBlock, scratch.data());
+        dot_rows(queries.data() + g0 * D, gc, rows.k_rows, n, D, s, kKeyBlock);
         for (int g = g0; g < g0 + gc; ++g) {
           acc* sg = scores.data() + g * kKeyBlock;
           const acc block_max = max_value(sg, n);
@@ -133,8 +133,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
           row_sum[g] += exp2_shifted(sg, n, softmax_safe_max(new_max));
           row_max[g] = new_max;
         }
-        accumulate_rows(s, kKeyBlock, gc, rows.v_rows, n, D, accum.data() + g0 * D,
-                        scratch.data());
+        accumulate_rows(s, kKeyBlock, gc, rows.v_rows, n, D, accum.data() + g0 * D);
       };
       for_each_key_block(a, layout, b, hk, i, limit, lists, attend);
 
@@ -188,7 +187,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
 
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> q_raw(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
-    std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock), scratch(4 * D);
+    std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock);
     std::vector<acc> lse2(G), delta(G);
     RowGather<scalar_t> rows;
     acc* dk_rows[kKeyBlock];
@@ -228,8 +227,8 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           }
           acc* p = probs.data() + g0 * kKeyBlock;
           acc* dp = dprobs.data() + g0 * kKeyBlock;
-          dot_rows(q_scaled.data() + g0 * D, gc, rows.k_rows, n, D, p, kKeyBlock, scratch.data());
-          dot_rows(grad.data() + g0 * D, gc, rows.v_rows, n, D, dp, kKeyBlock, scratch.data());
+          dot_rows(q_scaled.data() + g0 * D, gc, rows.k_rows, n, D, p, kKeyBlock);
+          dot_rows(grad.data() + g0 * D, gc, rows.v_rows, n, D, dp, kKeyBlock);
           for (int g = g0; g < g0 + gc; ++g) {
             acc* pg = probs.data() + g * kKeyBlock;
             acc* dpg = dprobs.data() + g * kKeyBlock;
@@ -241,8 +240,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
             }
             for (int j = 0; j < n; ++j) dpg[j] = pg[j] * (dpg[j] - delta[g]);  // dS
           }
-          accumulate_rows(dp, kKeyBlock, gc, rows.k_rows, n, D, dq_accum.data() + g0 * D,
-                          scratch.data());
+          accumulate_rows(dp, kKeyBlock, gc, rows.k_rows, n, D, dq_accum.data() + g0 * D);
           scatter_rows(dp, kKeyBlock, gc, q_raw.data() + g0 * D, dk_rows, n, D);
           scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
         };

@@ -27,7 +27,7 @@ void pool_regions(const PoolArgs& args, at::Tensor& desc) {
   scalar_t* out = desc.data_ptr<scalar_t>();
 
   at::parallel_for(0, B * H * R, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc> sum(D), scratch(4 * D), ones(kKeyBlock, acc(1));
+    std::vector<acc> sum(D), ones(kKeyBlock, acc(1));
     const scalar_t* rows[kKeyBlock];
     std::vector<int32_t> members;
     for (int64_t item = begin; item < end; ++item) {
@@ -40,7 +40,7 @@ void pool_regions(const PoolArgs& args, at::Tensor& desc) {
           members,
           [&](const int32_t* pos, int n, const int32_t*, int) {
             for (int j = 0; j < n; ++j) rows[j] = key_data + ks.offset(b, h, pos[j]);
-            accumulate_rows(ones.data(), kKeyBlock, 1, rows, n, D, sum.data(), scratch.data());
+            accumulate_rows(ones.data(), kKeyBlock, 1, rows, n, D, sum.data());
           });
       store_row(sum.data(), D, region_mean_scale<acc>(layout.region(b, r).size()),
                 out + (item * D));

@@ -37,7 +37,7 @@ void select_regions(const TopkArgs& args, at::Tensor& idx_out, at::Tensor& score
 
   const int64_t chunks = (Lq + kQueryChunk - 1) / kQueryChunk;
   at::parallel_for(0, int64_t(S.batch) * S.sel_heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> queries(int64_t(kQueryChunk) * D), row(D), scratch(4 * D);
+    std::vector<acc> queries(int64_t(kQueryChunk) * D), row(D);
     std::vector<acc> scores(int64_t(kQueryChunk) * R);
     std::vector<const scalar_t*> desc_rows(R);
     std::vector<uint64_t> candidates;
@@ -63,7 +63,7 @@ void select_regions(const TopkArgs& args, at::Tensor& idx_out, at::Tensor& score
           for (int32_t d = 0; d < D; ++d) dst[d] += row[d];
         }
       }
-      dot_rows(queries.data(), nq, desc_rows.data(), R, D, scores.data(), R, scratch.data());
+      dot_rows(queries.data(), nq, desc_rows.data(), R, D, scores.data(), R);
 
       for (int32_t qi = 0; qi < nq; ++qi) {
         const int32_t i = i0 + qi;

@@ -9,6 +9,11 @@
 #include <cstring>
 #include <string>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#define GAZE_X86_LEVELS 1
+#include <immintrin.h>
+#endif
+
 // Vector arguments of always-inline helpers never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -26,21 +31,26 @@ template <>
 struct Vec<4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
+  typedef uint16_t u16 __attribute__((vector_size(8)));
 };
 template <>
 struct Vec<8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
+  typedef uint16_t u16 __attribute__((vector_size(16)));
 };
 template <>
 struct Vec<16> {
   typedef float f __attribute__((vector_size(64)));
   typedef int32_t i __attribute__((vector_size(64)));
+  typedef uint16_t u16 __attribute__((vector_size(32)));
 };
 template <int W>
 using vf = typename Vec<W>::f;
 template <int W>
 using vi = typename Vec<W>::i;
+template <int W>
+using vu16 = typename Vec<W>::u16;  // the bits of W 16-bit elements
 
 // ----------------------------------------------------------------------------
 // One table of kernels per instruction set, picked once at first use from the
@@ -50,13 +60,11 @@ using vi = typename Vec<W>::i;
 struct VecKernels {
   const char* name;
   void (*dot_f32)(const float*, int, const float* const*, int, int, float*, int);
-  void (*dot_f16)(const float*, int, const c10::Half* const*, int, int, float*, int, float*);
-  void (*dot_bf16)(const float*, int, const c10::BFloat16* const*, int, int, float*, int,
-                   float*);
+  void (*dot_f16)(const float*, int, const c10::Half* const*, int, int, float*, int);
+  void (*dot_bf16)(const float*, int, const c10::BFloat16* const*, int, int, float*, int);
   void (*acc_f32)(const float*, int, int, const float* const*, int, int, float*);
-  void (*acc_f16)(const float*, int, int, const c10::Half* const*, int, int, float*, float*);
-  void (*acc_bf16)(const float*, int, int, const c10::BFloat16* const*, int, int, float*,
-                   float*);
+  void (*acc_f16)(const float*, int, int, const c10::Half* const*, int, int, float*);
+  void (*acc_bf16)(const float*, int, int, const c10::BFloat16* const*, int, int, float*);
   void (*scatter)(const float*, int, int, const float*, float* const*, int, int);
   float (*exp2_shifted)(float*, int, float);
   float (*max_value)(const float*, int);
@@ -68,8 +76,7 @@ struct VecKernels {
   void (*store_bf16)(const float*, int, float, c10::BFloat16*);
 };
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define GAZE_X86_LEVELS 1
+#ifdef GAZE_X86_LEVELS
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,lzcnt,movbe")
@@ -123,24 +130,24 @@ void dot_rows(const float* Q, int G, const float* const* rows, int n, int D, flo
   kernels().dot_f32(Q, G, rows, n, D, dst, ds);
 }
 void dot_rows(const float* Q, int G, const c10::Half* const* rows, int n, int D, float* dst,
-              int ds, float* scratch) {
-  kernels().dot_f16(Q, G, rows, n, D, dst, ds, scratch);
+              int ds) {
+  kernels().dot_f16(Q, G, rows, n, D, dst, ds);
 }
 void dot_rows(const float* Q, int G, const c10::BFloat16* const* rows, int n, int D,
-              float* dst, int ds, float* scratch) {
-  kernels().dot_bf16(Q, G, rows, n, D, dst, ds, scratch);
+              float* dst, int ds) {
+  kernels().dot_bf16(Q, G, rows, n, D, dst, ds);
 }
 void accumulate_rows(const float* Wt, int ws, int G, const float* const* rows, int n, int D,
                      float* acc) {
   kernels().acc_f32(Wt, ws, G, rows, n, D, acc);
 }
 void accumulate_rows(const float* Wt, int ws, int G, const c10::Half* const* rows, int n,
-                     int D, float* acc, float* scratch) {
-  kernels().acc_f16(Wt, ws, G, rows, n, D, acc, scratch);
+                     int D, float* acc) {
+  kernels().acc_f16(Wt, ws, G, rows, n, D, acc);
 }
 void accumulate_rows(const float* Wt, int ws, int G, const c10::BFloat16* const* rows, int n,
-                     int D, float* acc, float* scratch) {
-  kernels().acc_bf16(Wt, ws, G, rows, n, D, acc, scratch);
+                     int D, float* acc) {
+  kernels().acc_bf16(Wt, ws, G, rows, n, D, acc);
 }
 void scatter_rows(const float* Wt, int ws, int G, const float* vecs, float* const* rows, int n,
                   int D) {

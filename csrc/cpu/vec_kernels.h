@@ -15,22 +15,21 @@ const char* simd_level();
 
 // Rows of a block are gathered through pointers: keys at arbitrary positions.
 // dst[g * dst_stride + j] = dot(queries[g], rows[j]) for g < G, j < n.
-// queries: [G, D] float32 contiguous.
+// queries: [G, D] float32 contiguous. 16-bit rows are converted in registers.
 void dot_rows(const float* queries, int G, const float* const* rows, int n, int D, float* dst,
               int dst_stride);
 void dot_rows(const float* queries, int G, const c10::Half* const* rows, int n, int D,
-              float* dst, int dst_stride, float* scratch /*[4 * D]*/);
+              float* dst, int dst_stride);
 void dot_rows(const float* queries, int G, const c10::BFloat16* const* rows, int n, int D,
-              float* dst, int dst_stride, float* scratch /*[4 * D]*/);
+              float* dst, int dst_stride);
 
 // acc[g] += sum_j weights[g * w_stride + j] * rows[j] for g < G. acc: [G, D] float32.
 void accumulate_rows(const float* weights, int w_stride, int G, const float* const* rows, int n,
                      int D, float* acc);
 void accumulate_rows(const float* weights, int w_stride, int G, const c10::Half* const* rows,
-                     int n, int D, float* acc, float* scratch /*[4 * D]*/);
+                     int n, int D, float* acc);
 void accumulate_rows(const float* weights, int w_stride, int G,
-                     const c10::BFloat16* const* rows, int n, int D, float* acc,
-                     float* scratch /*[4 * D]*/);
+                     const c10::BFloat16* const* rows, int n, int D, float* acc);
 
 // rows[j] += sum_g weights[g * w_stride + j] * vecs[g] for j < n: the scatter of
 // a backward pass. vecs: [G, D] float32; rows: float32 accumulators.
@@ -73,26 +72,6 @@ void store_row(const float* src, int n, float factor, c10::Half* dst);
 void store_row(const float* src, int n, float factor, c10::BFloat16* dst);
 inline void store_row(const double* src, int n, double factor, double* dst) {
   for (int j = 0; j < n; ++j) dst[j] = src[j] * factor;
-}
-
-// Uniform signatures for kernels templated on the element type: rows of the
-// accumulation type need no conversion scratch.
-inline void dot_rows(const float* queries, int G, const float* const* rows, int n, int D,
-                     float* dst, int dst_stride, float* /*scratch*/) {
-  dot_rows(queries, G, rows, n, D, dst, dst_stride);
-}
-inline void dot_rows(const double* queries, int G, const double* const* rows, int n, int D,
-                     double* dst, int dst_stride, double* /*scratch*/) {
-  dot_rows(queries, G, rows, n, D, dst, dst_stride);
-}
-inline void accumulate_rows(const float* weights, int w_stride, int G, const float* const* rows,
-                            int n, int D, float* acc, float* /*scratch*/) {
-  accumulate_rows(weights, w_stride, G, rows, n, D, acc);
-}
-inline void accumulate_rows(const double* weights, int w_stride, int G,
-                            const double* const* rows, int n, int D, double* acc,
-                            double* /*scratch*/) {
-  accumulate_rows(weights, w_stride, G, rows, n, D, acc);
 }
 
 // Accumulation type of an element type: float64 for float64, float32 otherwise.
