@@ -6,8 +6,9 @@
 //      chunks) and store a 32-bit order key per region, 0 when not selectable;
 //   3. an MSB-first radix select (4 passes of 8 bits) finds the k-th largest key;
 //   4. keys above it, and the lowest-index keys equal to it, are collected;
-//   5. a bitonic sort orders them by the shared 64-bit selection key (score
-//      descending, region ascending), exactly the CPU order.
+//   5. they are ordered by the shared 64-bit selection key (score descending, region
+//      ascending), exactly the CPU order: by counting each key's rank when there are
+//      few, else by a bitonic sort.
 // Keys and the sort buffer live in shared memory when they fit, else in a
 // global scratch buffer; nothing depends on the data on the host (no sync).
 #include <ATen/core/Tensor.h>
@@ -27,6 +28,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kRowsInFlight = 4;  // descriptor rows a lane group loads before it uses them
 constexpr int kWarps = kThreads / 32;
+constexpr int kRankSortSize = 256;  // up to this many keys, step 5 counts ranks
 constexpr int64_t kSharedBudget = 96 * 1024;     // dynamic shared memory per block we use
 constexpr int64_t kScratchBudget = 512ll << 20;  // global scratch per launch when it does not fit
 
@@ -46,6 +48,40 @@ struct TopkParams {
   int32_t* idx_out;   // [B, Hs, Lq, k]
   float* score_out;   // [B, Hs, Lq, k]
 };
+
+// The digit of the K-th largest key in one radix pass: the largest d with
+// histogram[255] + ... + histogram[d] >= *remaining (0 if none), run by warp 0. Lane l
+// sums the eight bins 255 - 8l ... 248 - 8l, a scan over the lanes counts from the top,
+// and the first lane that reaches the count walks its bins. (One thread walking down the
+// bins was a chain of up to 255 dependent shared loads, in each of the four passes.)
+__device__ __forceinline__ void select_digit(const uint32_t* histogram, int shift,
+                                             uint32_t* prefix, uint32_t* remaining) {
+  const int lane = threadIdx.x;
+  const int top = 255 - 8 * lane;  // this lane's bins: top, top - 1, ..., top - 7
+  uint32_t bins = 0u;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) bins += histogram[top - e];
+  uint32_t through = bins;  // the bins of lanes 0..lane
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const uint32_t other = __shfl_up_sync(0xFFFFFFFFu, through, offset);
+    if (lane >= offset) through += other;
+  }
+  const uint32_t need = *remaining;
+  const unsigned reached = __ballot_sync(0xFFFFFFFFu, through >= need);
+  // the first lane that reaches the count, else the last: its walk then ends at digit 0
+  const int walker = reached != 0u ? __ffs(int(reached)) - 1 : 31;
+  if (lane == walker) {
+    uint32_t above = through - bins;
+    int digit = top;
+    for (; digit > top - 7; --digit) {
+      if (above + histogram[digit] >= need) break;
+      above += histogram[digit];
+    }
+    *remaining = need - above;
+    *prefix |= uint32_t(digit) << shift;
+  }
+}
 
 __device__ __forceinline__ int block_count(int local, int* shared_total) {
   local = warp_sum(local);
@@ -157,16 +193,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
         if (key != 0u && (key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
       }
       __syncthreads();
-      if (threadIdx.x == 0) {
-        uint32_t above = 0u, remaining = select_remaining;
-        int digit = 255;
-        for (; digit > 0; --digit) {
-          if (above + histogram[digit] >= remaining) break;
-          above += histogram[digit];
-        }
-        select_remaining = remaining - above;
-        select_prefix = prefix | (uint32_t(digit) << shift);
-      }
+      if (threadIdx.x < 32) select_digit(histogram, shift, &select_prefix, &select_remaining);
       mask |= 255u << shift;
       __syncthreads();
     }
@@ -201,21 +228,34 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   }
   const int n_taken = *taken;
 
-  // 5. bitonic sort, descending, padded with zero keys (below every real key)
-  for (int j = n_taken + threadIdx.x; j < p.sort_size; j += kThreads) sorted[j] = 0ull;
-  __syncthreads();
-  block_bitonic_sort</*kDescending=*/true>(sorted, p.sort_size);
-
+  // 5. descending order; the keys are distinct (each holds its region)
   const int64_t out = row * K;
-  for (int j = threadIdx.x; j < K; j += kThreads) {
-    if (j < n_taken) {
-      const uint64_t key = sorted[j];
-      p.idx_out[out + j] = region_of_selection_key(key);
-      p.score_out[out + j] = score_from_order_key(uint32_t(key >> 32));
-    } else {
-      p.idx_out[out + j] = -1;
-      p.score_out[out + j] = kNegInf;
+  auto write = [&](int slot, uint64_t key) {
+    p.idx_out[out + slot] = region_of_selection_key(key);
+    p.score_out[out + slot] = score_from_order_key(uint32_t(key >> 32));
+  };
+  if (p.sort_size <= kRankSortSize) {
+    // a key's slot is the number of keys above it, counted by a group of lanes: one
+    // pass and no barrier, where the bitonic sort takes a barrier per stage (28 for 128)
+    const int group = min(32, kThreads / p.sort_size);
+    const int e = threadIdx.x / group, part = threadIdx.x % group;
+    const uint64_t key = e < n_taken ? sorted[e] : 0ull;
+    int rank = 0;
+    for (int j = part; j < n_taken; j += group) rank += sorted[j] > key;
+    for (int offset = group / 2; offset > 0; offset /= 2) {
+      rank += __shfl_xor_sync(0xFFFFFFFFu, rank, offset);
     }
+    if (part == 0 && e < n_taken) write(rank, key);
+  } else {
+    // bitonic sort, padded with zero keys (below every real key)
+    for (int j = n_taken + threadIdx.x; j < p.sort_size; j += kThreads) sorted[j] = 0ull;
+    __syncthreads();
+    block_bitonic_sort</*kDescending=*/true>(sorted, p.sort_size);
+    for (int j = threadIdx.x; j < n_taken; j += kThreads) write(j, sorted[j]);
+  }
+  for (int j = n_taken + threadIdx.x; j < K; j += kThreads) {
+    p.idx_out[out + j] = -1;
+    p.score_out[out + j] = kNegInf;
   }
 }
 

@@ -243,6 +243,7 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 template <typename T>
 T __ldg(const T* p) {
