@@ -246,20 +246,23 @@ __global__ void __launch_bounds__(kAttnThreads) attention_backward_ordered_kerne
 }
 
 template <typename T, int NH>
-void launch_backward(AttnParams& p, bool vec, bool deterministic, int64_t shared,
-                     cudaStream_t stream) {
-  auto run = [&](auto kernel, int64_t blocks) {
+void launch_backward(const AttentionArgs& a, AttnParams& p, bool vec, bool deterministic,
+                     int64_t shared, cudaStream_t stream) {
+  auto run = [&](auto kernel, bool ordered) {
     allow_dynamic_shared(kernel, shared);
+    // deterministic: as few splits as the slot capacity allows (the ordered kernel runs
+    // them in order, one block per (batch, KV head))
+    plan_splits(a, p, ordered ? 1 : 16, resident_blocks(kernel, kAttnThreads, shared));
+    const int64_t blocks = ordered ? int64_t(p.shape.batch) * p.shape.kv_heads : p.units * p.splits;
     kernel<<<grid_of(blocks, "gaze_attention_backward"), dim3(kAttnThreads), shared, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  const int64_t ordered_blocks = int64_t(p.shape.batch) * p.shape.kv_heads;
   if (deterministic) {
-    vec ? run(attention_backward_ordered_kernel<T, true, NH>, ordered_blocks)
-        : run(attention_backward_ordered_kernel<T, false, NH>, ordered_blocks);
+    vec ? run(attention_backward_ordered_kernel<T, true, NH>, true)
+        : run(attention_backward_ordered_kernel<T, false, NH>, true);
   } else {
-    vec ? run(attention_backward_kernel<T, true, NH>, p.units * p.splits)
-        : run(attention_backward_kernel<T, false, NH>, p.units * p.splits);
+    vec ? run(attention_backward_kernel<T, true, NH>, false)
+        : run(attention_backward_kernel<T, false, NH>, false);
   }
 }
 
@@ -304,8 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
     }
     AttnParams p{};
     fill_operands(a, p);
-    // deterministic: as few splits as the slot capacity allows (the ordered kernel runs them in order)
-    const int NH = plan_attention(a, p, deterministic ? 1 : 16);
+    const int NH = plan_units(a, p);
     fill_backward_operands(args, delta, dq, dk, dv, p);
     const int64_t D = a.shape.head_dim;
     const int64_t shared = 3 * int64_t(NH) * D * 4;
@@ -319,10 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cuda(
                        rows_vectorizable<T>(p.v, D, {p.vs.batch, p.vs.head, p.vs.row});
       p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
       switch (NH) {
-        case 1: launch_backward<T, 1>(p, vec, deterministic, shared, stream); break;
-        case 2: launch_backward<T, 2>(p, vec, deterministic, shared, stream); break;
-        case 4: launch_backward<T, 4>(p, vec, deterministic, shared, stream); break;
-        default: launch_backward<T, 8>(p, vec, deterministic, shared, stream); break;
+        case 1: launch_backward<T, 1>(a, p, vec, deterministic, shared, stream); break;
+        case 2: launch_backward<T, 2>(a, p, vec, deterministic, shared, stream); break;
+        case 4: launch_backward<T, 4>(a, p, vec, deterministic, shared, stream); break;
+        default: launch_backward<T, 8>(a, p, vec, deterministic, shared, stream); break;
       }
     });
   }

@@ -56,7 +56,6 @@ void fill_backward_operands(const AttentionBackwardArgs& args, const at::Tensor&
 struct AttnParams : AttentionOperands, BackwardOperands {
   int head_chunks;       // query-head chunks per selection head (shared selection, G > NH)
   int splits;
-  int slots_per_split;
   int lanes;             // lanes per K row in the scoring step
   int64_t units;
 
@@ -112,8 +111,9 @@ struct KeyStream {
     const int F = layout.num_fixed, K = S.topk;
     const int32_t* slots =
         p.idx + ((unit.b * S.sel_heads + unit.sel_head) * S.q_len + unit.i) * int64_t(K);
-    const int s0 = min(K, split * p.slots_per_split);
-    const int s1 = min(K, s0 + p.slots_per_split);
+    // the slots spread evenly: each split has floor or ceil of K / splits
+    const int s0 = int(int64_t(K) * split / p.splits);
+    const int s1 = int(int64_t(K) * (split + 1) / p.splits);
     if (threadIdx.x == 0) {
       fixed_begin = int(int64_t(F) * split / p.splits);
       num_fixed = int(int64_t(F) * (split + 1) / p.splits) - fixed_begin;
@@ -213,9 +213,11 @@ __device__ __forceinline__ void add_subset_sums(const float* sums, int owners, i
   }
 }
 
-// Host side (attention_forward.cu): the work decomposition (units, heads per unit NH,
-// which it returns, and splits).
-int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits);
+// Host side (attention_forward.cu): the work decomposition. plan_units sets the units and
+// returns the heads per unit NH; plan_splits then sets the splits per unit for a kernel of
+// which resident_per_sm blocks fit on a multiprocessor.
+int plan_units(const AttentionArgs& a, AttnParams& p);
+void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resident_per_sm);
 
 // attention_tiled.cu: the tensor-core kernels for many query rows. Each launches
 // and returns true when it applies to these arguments (fp16/bf16, head dim 64, 80,

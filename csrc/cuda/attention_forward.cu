@@ -289,9 +289,19 @@ __global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p
 }
 
 template <typename T, int NH>
-void launch_forward(AttnParams& p, bool vec, int64_t shared, cudaStream_t stream) {
+void launch_forward(const AttentionArgs& a, AttnParams& p, bool vec, int64_t shared,
+                    cudaStream_t stream) {
   auto kernel = vec ? attention_forward_kernel<T, true, NH> : attention_forward_kernel<T, false, NH>;
   allow_dynamic_shared(kernel, shared);
+  plan_splits(a, p, 64, resident_blocks(kernel, kAttnThreads, shared));
+  at::Tensor stats, partial;  // the splits' (max, sum) and accumulators
+  if (p.splits > 1) {
+    const auto options = a.q.options().dtype(at::kFloat);
+    stats = at::empty({p.units, p.splits, NH, 2}, options);
+    partial = at::empty({p.units, p.splits, NH, a.shape.head_dim}, options);
+    p.partial_stats = stats.data_ptr<float>();
+    p.partial_acc = partial.data_ptr<float>();
+  }
   kernel<<<grid_of(p.units * p.splits, "gaze_attention"), dim3(kAttnThreads), shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
@@ -302,7 +312,7 @@ void launch_forward(AttnParams& p, bool vec, int64_t shared, cudaStream_t stream
 
 }  // namespace
 
-int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits) {
+int plan_units(const AttentionArgs& a, AttnParams& p) {
   const AttentionShape& S = a.shape;
   const int G = S.group();
   const bool per_query_head = S.sel_heads == S.q_heads && G > 1;
@@ -310,17 +320,22 @@ int plan_attention(const AttentionArgs& a, AttnParams& p, int max_splits) {
   const int NH = num_heads_per_unit_template(std::min(heads, 8));
   p.head_chunks = per_query_head ? 1 : int(ceil_div(G, NH));
   p.units = int64_t(S.batch) * S.sel_heads * p.head_chunks * S.q_len;
-  // Enough blocks for ~8 per multiprocessor (their loads hide each other's latency),
-  // but no split with less than ~64 keys' worth of work, and at most kMaxSlots slots each.
-  const int64_t target_blocks = 8 * int64_t(multiprocessor_count());
+  return NH;
+}
+
+void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resident_per_sm) {
+  const AttentionShape& S = a.shape;
+  // As many splits as one wave of resident blocks holds. A call's blocks stream about as
+  // many keys each, so a last, partial wave would leave most of the GPU idle for a whole
+  // block's time (at the decode benchmark's shape, ~8 blocks per multiprocessor made
+  // 1,088 blocks for 528 resident: a third wave of 32). But no split with less than ~64
+  // keys' worth of work, and at most kMaxSlots slots each.
+  const int64_t wave = int64_t(std::max(resident_per_sm, 1)) * multiprocessor_count();
   const int64_t num_fixed = a.layout.fixed_tokens.size(-1);
   const int64_t work = std::max<int64_t>(1, (num_fixed + int64_t(S.topk) * 8) / 64);
-  int64_t splits = std::min<int64_t>({ceil_div(target_blocks, std::max<int64_t>(p.units, 1)), work,
-                                      max_splits});
+  int64_t splits = std::min<int64_t>({wave / std::max<int64_t>(p.units, 1), work, max_splits});
   splits = std::max<int64_t>({splits, ceil_div(S.topk, kMaxSlots), 1});
   p.splits = int(splits);
-  p.slots_per_split = int(ceil_div(std::max(S.topk, 1), p.splits));
-  return NH;
 }
 
 void fill_operands(const AttentionArgs& a, AttentionOperands& p) {
@@ -353,16 +368,9 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
 
   AttnParams p{};
   fill_operands(a, p);
-  const int NH = plan_attention(a, p, 64);
+  const int NH = plan_units(a, p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  at::Tensor stats, partial;
-  if (p.splits > 1) {
-    stats = at::empty({p.units, p.splits, NH, 2}, q.options().dtype(at::kFloat));
-    partial = at::empty({p.units, p.splits, NH, a.shape.head_dim}, q.options().dtype(at::kFloat));
-    p.partial_stats = stats.data_ptr<float>();
-    p.partial_acc = partial.data_ptr<float>();
-  }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {
     using T = native_t<decltype(tag)>;
@@ -379,10 +387,10 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
     TORCH_CHECK(shared <= limit, "gaze.gaze_attention: head dim ", D, " is too large for the CUDA kernel");
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
     switch (NH) {
-      case 1: launch_forward<T, 1>(p, vec, shared, stream); break;
-      case 2: launch_forward<T, 2>(p, vec, shared, stream); break;
-      case 4: launch_forward<T, 4>(p, vec, shared, stream); break;
-      default: launch_forward<T, 8>(p, vec, shared, stream); break;
+      case 1: launch_forward<T, 1>(a, p, vec, shared, stream); break;
+      case 2: launch_forward<T, 2>(a, p, vec, shared, stream); break;
+      case 4: launch_forward<T, 4>(a, p, vec, shared, stream); break;
+      default: launch_forward<T, 8>(a, p, vec, shared, stream); break;
     }
   });
   return {out, lse};

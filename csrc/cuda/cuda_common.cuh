@@ -9,10 +9,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "../common/layout.h"
@@ -243,6 +245,25 @@ cudaFuncAttributes kernel_attributes(Kernel kernel) {
     cudaFuncAttributes attributes;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
     found = known.emplace(key, attributes).first;
+  }
+  return found->second;
+}
+
+// Blocks of `kernel` (`threads` threads, `shared` bytes of dynamic shared memory) that fit
+// on one multiprocessor of the current device at once, asked of the runtime once.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, int64_t shared) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int64_t>, int> known;  // (kernel, device, ...)
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, threads, shared);
+  auto found = known.find(key);
+  if (found == known.end()) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, size_t(shared)));
+    found = known.emplace(key, std::max(blocks, 1)).first;
   }
   return found->second;
 }

@@ -470,6 +470,18 @@ cudaError_t gaze_sim_cudaFuncGetAttributes(cudaFuncAttributes* attributes, const
   return cudaSuccess;
 }
 
+// Resident blocks per multiprocessor: 4 (the split-K kernels' count on an H100), or
+// GAZE_SIM_RESIDENT_BLOCKS, so tests can plan launches for other GPUs.
+cudaError_t gaze_sim_cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int,
+                                                                   size_t) {
+  static const int resident = [] {
+    const char* env = std::getenv("GAZE_SIM_RESIDENT_BLOCKS");
+    return env != nullptr ? std::atoi(env) : 4;
+  }();
+  *blocks = resident;
+  return cudaSuccess;
+}
+
 }  // extern "C"
 
 // The kernels launched since the last call, by signature (first launch order, repeats kept).

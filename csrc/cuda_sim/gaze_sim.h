@@ -29,6 +29,7 @@
 #define cudaDeviceGetAttribute gaze_sim_cudaDeviceGetAttribute
 #define cudaFuncSetAttribute gaze_sim_cudaFuncSetAttribute
 #define cudaFuncGetAttributes gaze_sim_cudaFuncGetAttributes
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor gaze_sim_cudaOccupancyMaxActiveBlocksPerMultiprocessor
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,6 +51,12 @@ cudaError_t gaze_sim_cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAtt
 template <typename... Params>
 cudaError_t gaze_sim_cudaFuncGetAttributes(cudaFuncAttributes* attributes, void (*kernel)(Params...)) {
   return gaze_sim_cudaFuncGetAttributes(attributes, reinterpret_cast<const void*>(kernel));
+}
+template <typename... Params>
+cudaError_t gaze_sim_cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*kernel)(Params...),
+                                                                   int threads, size_t shared) {
+  return gaze_sim_cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      blocks, reinterpret_cast<const void*>(kernel), threads, shared);
 }
 
 #ifndef __launch_bounds__
