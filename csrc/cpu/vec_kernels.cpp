@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define GAZE_X86_LEVELS 1
@@ -191,7 +192,11 @@ void accumulate_rows(const double* Wt, int ws, int G, const double* const* rows,
 
 void scatter_rows(const double* Wt, int ws, int G, const double* vecs, double* const* rows,
                   int n, int D) {
-  baseline::scatter_rows_impl(Wt, ws, G, vecs, rows, n, D);
+  for (int j = 0; j < n; ++j) {
+    for (int g = 0; g < G; ++g) {
+      for (int d = 0; d < D; ++d) rows[j][d] += Wt[g * ws + j] * vecs[int64_t(g) * D + d];
+    }
+  }
 }
 
 double exp2_shifted(double* x, int n, double shift) {
