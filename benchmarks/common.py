@@ -126,6 +126,65 @@ def _driver_version() -> str:
         return "unknown"
 
 
+def kernel_times(fn: Callable[[], object], device: str, reps: int = 5) -> List[Dict[str, object]]:
+    """Device time of each kernel over `reps` calls of fn (torch.profiler), per call and
+    largest first, so a report says which kernel a step's time goes to. CUDA only; a row
+    naming the error when the profiler is unavailable."""
+    if device != "cuda":
+        return []
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            synchronize(device)
+        total: Dict[str, float] = {}
+        count: Dict[str, int] = {}
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                name = short_kernel_name(event.name)
+                total[name] = total.get(name, 0.0) + event.time_range.elapsed_us()
+                count[name] = count.get(name, 0) + 1
+        return [dict(kernel=name, us_per_call=t / reps, launches_per_call=count[name] / reps)
+                for name, t in sorted(total.items(), key=lambda item: -item[1])]
+    except Exception as error:  # the profile is a diagnostic: never fail the benchmark on it
+        return [dict(kernel=f"profile unavailable: {type(error).__name__}: {error}")]
+
+
+def short_kernel_name(name: str) -> str:
+    """'void ns::(anonymous namespace)::kernel<T, 4>(Params)' -> 'kernel<T, 4>'."""
+    name = name.removeprefix("void ")
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # drop the parameter list: the first '(' outside <...>
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            cut = i
+            break
+    name = name[:cut]
+    depth, start = 0, 0
+    for i, ch in enumerate(name):  # drop the namespaces: up to the last '::' outside <...>
+        depth += ch == "<"
+        depth -= ch == ">"
+        if depth == 0 and name.startswith("::", i):
+            start = i + 2
+    name = name[start:].strip()
+    return name if len(name) <= 80 else name[:77] + "..."
+
+
+def kernel_sections(profiles: Dict[str, List[Dict[str, object]]]) -> List[str]:
+    """Report lines for kernel_times results, one table per profiled variant."""
+    lines = []
+    for variant, rows in profiles.items():
+        if rows:
+            lines += ["", f"Kernels of `{variant}` (device time per call, torch.profiler):", "",
+                      markdown_table(rows, ["kernel", "us_per_call", "launches_per_call"])]
+    return lines
+
+
 def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     def fmt(x):
         if isinstance(x, float):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import gaze_ext
 from gaze_ext import ops
 
-from .common import benchmark_main, environment, markdown_table, memory_bandwidth, time_variants
+from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
+                     memory_bandwidth, time_variants)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -177,6 +178,8 @@ def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
                 targets=targets, verdicts=verdicts,
                 other_dtypes=[other_dtype_row(shape, device, dtype, q, k, v, layout, K)
                               for dtype in OTHER_DTYPES[device]],
+                kernels={name: kernel_times(variants[name], device)
+                         for name in ("gaze_shared", "sdpa_grouped_rows", "sdpa_gqa")},
                 env=environment(device))
 
 
@@ -228,6 +231,7 @@ def report(result: Dict[str, object]) -> str:
         lines.append(f"- {mode} selection: region_topk + gaze_attention is {ratio:.2f}x faster "
                      f"than the faster dense peer (target {result['targets'][mode]}x): "
                      f"**{result['verdicts'][mode]}**")
+    lines += kernel_sections(result.get("kernels", {}))
     if result["other_dtypes"]:
         lines += ["", "Other element types, same inputs converted: region_topk + gaze_attention "
                   "(shared selection) against the faster dense peer in that type (no target).",

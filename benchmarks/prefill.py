@@ -21,7 +21,8 @@ from torch.nn.attention.bias import causal_lower_right
 import gaze_ext
 from gaze_ext import ops
 
-from .common import benchmark_main, environment, markdown_table, time_variants
+from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
+                     time_variants)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -197,9 +198,11 @@ def run_shape(shape: PrefillShape, device: str):
     for row in rows:
         if row["variant"] in pairs:
             row["TFLOP/s"] = 4 * D * pairs[row["variant"]] / (row["ms"] * 1e-3) / 1e12
+    kernels = {name: kernel_times(variants[name], device)
+               for name in ("gaze_shared_fwd_bwd_correlated", "sdpa_fwd_bwd")}
     return dict(device=device, shape=asdict(shape), keys=N, regions=layout.num_regions, topk=K,
                 rows=rows, ratio=ratios["iid"], ratios=ratios, union_fraction=unions,
-                computed_share=computed_share,
+                computed_share=computed_share, kernels=kernels,
                 correlation=CORRELATION, target=target, verdicts=verdicts, env=environment(device))
 
 
@@ -232,6 +235,7 @@ def report(result) -> str:
                      f"queries select {100 * result['union_fraction'][name]:.0f}% of the regions "
                      f"together, and a tile's warps compute "
                      f"{100 * result['computed_share'][name]:.0f}% of its (row, key) products")
+    lines += kernel_sections(result.get("kernels", {}))
     return "\n".join(lines + [""])
 
 
