@@ -325,16 +325,26 @@ int plan_units(const AttentionArgs& a, AttnParams& p) {
 
 void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resident_per_sm) {
   const AttentionShape& S = a.shape;
-  // As many splits as one wave of resident blocks holds. A call's blocks stream about as
-  // many keys each, so a last, partial wave would leave most of the GPU idle for a whole
-  // block's time (at the decode benchmark's shape, ~8 blocks per multiprocessor made
-  // 1,088 blocks for 528 resident: a third wave of 32). But no split with less than ~64
-  // keys' worth of work, and at most kMaxSlots slots each.
+  // Splits whose blocks fill whole waves of resident blocks. A call's blocks stream about as
+  // many keys each, so a last, partial wave leaves most of the GPU idle for a whole block's
+  // time (at the decode benchmark's shape, ~8 blocks per multiprocessor made 1,088 blocks
+  // for 528 resident: a third wave of 32). The fewest splits whose fill is within 10% of the
+  // best: more splits mean shorter streams and more partial results to merge. No split with
+  // less than ~64 keys' worth of work, at most kMaxSlots slots each.
   const int64_t wave = int64_t(std::max(resident_per_sm, 1)) * multiprocessor_count();
   const int64_t num_fixed = a.layout.fixed_tokens.size(-1);
   const int64_t work = std::max<int64_t>(1, (num_fixed + int64_t(S.topk) * 8) / 64);
-  int64_t splits = std::min<int64_t>({wave / std::max<int64_t>(p.units, 1), work, max_splits});
-  splits = std::max<int64_t>({splits, ceil_div(S.topk, kMaxSlots), 1});
+  const int64_t units = std::max<int64_t>(p.units, 1);
+  const int64_t most = std::min<int64_t>(work, max_splits);
+  auto fill = [&](int64_t s) {  // the share of the waves' block slots used
+    const int64_t blocks = units * s;
+    return double(blocks) / double(ceil_div(blocks, wave) * wave);
+  };
+  double best = 0.0;
+  for (int64_t s = 1; s <= most; ++s) best = std::max(best, fill(s));
+  int64_t splits = 1;
+  while (splits < most && fill(splits) < 0.9 * best) ++splits;
+  splits = std::max<int64_t>(splits, ceil_div(S.topk, kMaxSlots));
   p.splits = int(splits);
 }
 
