@@ -232,6 +232,8 @@ def test_split_kernels_match_cpu(sim, monkeypatch, dtype, case, deterministic):
     got = sim.gaze_attention(*qkv, *args)
     forward_kernels = launched(sim)
     assert "attention_forward_kernel" in forward_kernels
+    if SPLIT_CASES[case][8] >= 256:  # more slots than one split holds: their merge runs
+        assert "merge_splits_kernel" in forward_kernels
     out, lse = ops.gaze_attention(*qkv, *args)
     tol = dict(atol=atol_for(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-5)
     torch.testing.assert_close(got[0], out, **tol)
