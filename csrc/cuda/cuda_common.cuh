@@ -60,25 +60,26 @@ struct RowChunk {
   static constexpr int kChunk = kVectorized ? 16 / sizeof(T) : 1;
   float v[kChunk];
 
-  __device__ __forceinline__ void load(const T* p) {
-    if constexpr (kVectorized) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) v[i] = to_float(e[i]);
-    } else {
-      v[0] = to_float(__ldg(p));
-    }
-  }
+  // From global memory, through the read-only cache.
+  __device__ __forceinline__ void load(const T* p) { load_from</*kGlobal=*/true>(p); }
   // From shared memory (kVectorized: 16-byte aligned).
-  __device__ __forceinline__ void load_shared(const T* p) {
+  __device__ __forceinline__ void load_shared(const T* p) { load_from</*kGlobal=*/false>(p); }
+  template <bool kGlobal>
+  __device__ __forceinline__ void load_from(const T* p) {
+    auto read = [](const auto* src) {
+      if constexpr (kGlobal) {
+        return __ldg(src);
+      } else {
+        return *src;
+      }
+    };
     if constexpr (kVectorized) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const uint4 raw = read(reinterpret_cast<const uint4*>(p));
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) v[i] = to_float(e[i]);
     } else {
-      v[0] = to_float(p[0]);
+      v[0] = to_float(read(p));
     }
   }
   __device__ __forceinline__ void zero() {
@@ -230,42 +231,42 @@ void allow_dynamic_shared(Kernel kernel, int64_t bytes) {
   current = bytes;
 }
 
-// cudaFuncGetAttributes of `kernel` on the current device, asked of the runtime once
-// (the prefill kernels check their binary's architecture before every launch).
-template <typename Kernel>
-cudaFuncAttributes kernel_attributes(Kernel kernel) {
+// What query() answers for (kernel, current device, extra...), asked of the runtime once:
+// the launches below run on every call, and a decode step notices a few microseconds.
+// (Each call site has its own query type, so its own table.)
+template <typename Value, typename Query, typename... Extra>
+Value asked_once(const void* kernel, Query query, Extra... extra) {
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, cudaFuncAttributes> known;  // (kernel, device)
+  static std::map<std::tuple<const void*, int, Extra...>, Value> known;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const auto key = std::make_tuple(kernel, device, extra...);
   auto found = known.find(key);
-  if (found == known.end()) {
-    cudaFuncAttributes attributes;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    found = known.emplace(key, attributes).first;
-  }
+  if (found == known.end()) found = known.emplace(key, query()).first;
   return found->second;
 }
 
+// cudaFuncGetAttributes of `kernel` on the current device (the prefill kernels check their
+// binary's architecture before every launch).
+template <typename Kernel>
+cudaFuncAttributes kernel_attributes(Kernel kernel) {
+  return asked_once<cudaFuncAttributes>(reinterpret_cast<const void*>(kernel), [&] {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    return attributes;
+  });
+}
+
 // Blocks of `kernel` (`threads` threads, `shared` bytes of dynamic shared memory) that fit
-// on one multiprocessor of the current device at once, asked of the runtime once.
+// on one multiprocessor of the current device at once.
 template <typename Kernel>
 int resident_blocks(Kernel kernel, int threads, int64_t shared) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int, int64_t>, int> known;  // (kernel, device, ...)
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, threads, shared);
-  auto found = known.find(key);
-  if (found == known.end()) {
+  return asked_once<int>(reinterpret_cast<const void*>(kernel), [&] {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, size_t(shared)));
-    found = known.emplace(key, std::max(blocks, 1)).first;
-  }
-  return found->second;
+    return std::max(blocks, 1);
+  }, threads, shared);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
