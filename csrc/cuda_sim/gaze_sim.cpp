@@ -470,15 +470,10 @@ cudaError_t gaze_sim_cudaFuncGetAttributes(cudaFuncAttributes* attributes, const
   return cudaSuccess;
 }
 
-// Resident blocks per multiprocessor: 4 (the split-K kernels' count on an H100), or
-// GAZE_SIM_RESIDENT_BLOCKS, so tests can plan launches for other GPUs.
+// Resident blocks per multiprocessor: 4, the split-K forward kernel's count on an H100.
 cudaError_t gaze_sim_cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int,
                                                                    size_t) {
-  static const int resident = [] {
-    const char* env = std::getenv("GAZE_SIM_RESIDENT_BLOCKS");
-    return env != nullptr ? std::atoi(env) : 4;
-  }();
-  *blocks = resident;
+  *blocks = 4;
   return cudaSuccess;
 }
 

@@ -163,11 +163,11 @@ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) 
 void load_matrices_x4(const void* row_address, bool transposed, uint32_t (&r)[4]);
 
 // cp.async.cg.shared.global of 16 bytes, commit_group and wait_group. A copy poisons its
-// destination (with the block's poison byte) when issued and is done (its source read then) when a wait_group
-// lets its group complete: a read of the destination after the issue and before the wait
-// (or, from another thread, before the barrier after it) sees the poison, as does a read
-// by another thread that should have finished before the issue. Errors on a misaligned address or a
-// destination outside shared memory.
+// destination (with the block's poison byte) when issued, and is done (its source read
+// then) when a wait_group lets its group complete: a read of the destination after the
+// issue and before the wait (or, from another thread, before the barrier after it) sees
+// the poison, as does a read by another thread that should have finished before the
+// issue. Errors on a misaligned address or a destination outside shared memory.
 void copy_async(void* dst, const void* src);
 void copy_async_commit();
 void copy_async_wait(int pending_groups);
