@@ -12,6 +12,7 @@ import torch
 
 import cuda_sim
 import gaze_ext
+from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
 from helpers import (DTYPES, TILED_CASES, atol_for, error_bound_check, generator,
                      high_precision, q_positions, random_batch_layout, random_selection,
@@ -391,18 +392,6 @@ def test_auto_choice_of_kernels(sim, monkeypatch):
 
 
 # ------------------------------------------------------------ corrupted index contents
-
-def corrupted(layout, N, seed):
-    """The layout's tensors with contents the ops check only under GAZE_CHECK_INDICES:
-    tokens out of range, a fixed position past N, and (seed 1) region spans that run
-    backwards and past the token list."""
-    ptr, tokens = layout.region_ptr.clone(), layout.region_tokens.clone()
-    tokens[0, 3], tokens[-1, 1] = N + 11, -4
-    fixed = torch.cat([layout.fixed_tokens, torch.full((ptr.shape[0], 1), N + 3, dtype=torch.int32)], 1)
-    if seed == 1:
-        ptr[0, 2], ptr[-1, -1] = ptr[0, 1] - 2, tokens.shape[1] + 40
-    return ptr, tokens, fixed
-
 
 @pytest.mark.parametrize("seed,dtype,D,strided", [(0, torch.float32, 40, True), (1, torch.bfloat16, 64, False),
                                                   (0, torch.float16, 128, False), (1, torch.float32, 7, False)])
