@@ -52,6 +52,8 @@ CPU_SHAPE = DecodeShape(1, 32, 8, 128, 16, 24, 24, 512, (1, 6, 6), 0.10, "float3
 GPU_SHAPE = DecodeShape(8, 32, 8, 128, 32, 32, 32, 512, (1, 6, 6), 0.10, "bfloat16")
 # targets: speed-up of gaze over the faster dense peer, per selection mode
 TARGETS = {"cpu": {"shared": 4.0, "per_head": 1.5}, "cuda": {"shared": 6.0, "per_head": 3.0}}
+# gaze_attention (shared selection) moving its bytes at this share of the copy bandwidth
+BANDWIDTH_TARGET = {"cpu": None, "cuda": 0.70}
 # the shared step in other element types too, on the CPU, where the kernels' 16-bit and
 # float32 loops differ most (kept off the GPU run, whose time is counted)
 OTHER_DTYPES = {"cpu": ("bfloat16", "float16"), "cuda": ()}
@@ -172,10 +174,16 @@ def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
         ratios[mode] = dense / times[f"gaze_{mode}"]
     targets = TARGETS[device]
     verdicts = {m: ("PASS" if ratios[m] >= targets[m] else "MISS") for m in ratios}
+    attention_row = next(r for r in rows if r["variant"] == "attention_shared")
+    bandwidth_share = 1.0 / attention_row["floor_ratio"]
+    if BANDWIDTH_TARGET[device] is not None:
+        verdicts["attention_bandwidth"] = ("PASS" if bandwidth_share >= BANDWIDTH_TARGET[device]
+                                           else "MISS")
     return dict(device=device, shape=asdict(shape), regions=R, topk=K, keys=N,
                 bandwidth_GBps={k: v / 1e9 for k, v in bw.items()}, floor_bandwidth=
                 "copy" if device == "cuda" else "read", rows=rows, ratios=ratios,
-                targets=targets, verdicts=verdicts,
+                targets=targets, verdicts=verdicts, bandwidth_share=bandwidth_share,
+                bandwidth_target=BANDWIDTH_TARGET[device],
                 other_dtypes=[other_dtype_row(shape, device, dtype, q, k, v, layout, K)
                               for dtype in OTHER_DTYPES[device]],
                 kernels={name: kernel_times(variants[name], device)
@@ -231,6 +239,11 @@ def report(result: Dict[str, object]) -> str:
         lines.append(f"- {mode} selection: region_topk + gaze_attention is {ratio:.2f}x faster "
                      f"than the faster dense peer (target {result['targets'][mode]}x): "
                      f"**{result['verdicts'][mode]}**")
+    share, target = result["bandwidth_share"], result["bandwidth_target"]
+    lines.append(f"- gaze_attention (shared selection) moves its bytes at {share:.0%} of the "
+                 f"{result['floor_bandwidth']} bandwidth measured above"
+                 + (f" (target {target:.0%}): **{result['verdicts']['attention_bandwidth']}**"
+                    if target is not None else " (no target on this device)"))
     lines += kernel_sections(result.get("kernels", {}))
     if result["other_dtypes"]:
         lines += ["", "Other element types, same inputs converted: region_topk + gaze_attention "
