@@ -48,6 +48,8 @@ ATTENTION_CASES = {
               ["batch"]),
     "head dim": (dict(k=torch.randn(B, Hkv, N, D + 1), v=torch.randn(B, Hkv, N, D + 1)),
                  ["head dim"]),
+    "no kv heads": (dict(k=torch.randn(B, 0, N, D), v=torch.randn(B, 0, N, D)),
+                    ["k", "at least one head"]),
     "heads": (dict(k=torch.randn(B, 3, N, D), v=torch.randn(B, 3, N, D),
                    idx=torch.zeros(B, 3, Lq, 2, dtype=I32)), ["multiple"]),
     "idx dtype": (dict(idx=torch.zeros(B, Hkv, Lq, 2, dtype=torch.int64)), ["idx", "int32"]),
@@ -58,12 +60,19 @@ ATTENTION_CASES = {
     "ptr dtype": (dict(region_ptr=LAYOUT.region_ptr.long()), ["region_ptr", "int32"]),
     "ptr rank": (dict(region_ptr=LAYOUT.region_ptr.view(1, 1, -1)), ["region_ptr", "1-D"]),
     "ptr batch": (dict(region_ptr=LAYOUT.region_ptr.expand(3, -1)), ["region_ptr", "batch"]),
+    "ptr empty": (dict(region_ptr=torch.zeros(0, dtype=I32)), ["region_ptr", "R+1"]),
     "ptr start": (dict(region_ptr=LAYOUT.region_ptr + 1), ["region_ptr", "must be 0"]),
     "ptr decreasing": (dict(region_ptr=torch.tensor([0, 9, 5, 12, 30], dtype=I32)),
                        ["region_ptr", "decreases"]),
     "ptr past tokens": (dict(region_tokens=LAYOUT.region_tokens[:-1]), ["region_ptr", "runs past"]),
     "token out of range": (dict(region_tokens=LAYOUT.region_tokens + N),
                            ["region_tokens", "outside"]),
+    "last token is N": (dict(region_tokens=torch.cat([LAYOUT.region_tokens[:-1],
+                                                      torch.tensor([N], dtype=I32)])),
+                         ["region_tokens", "outside"]),
+    "token out of range in batch 1": (
+        dict(region_tokens=torch.stack([LAYOUT.region_tokens, LAYOUT.region_tokens + N])),
+        ["region_tokens[1,", "outside"]),
     "negative token": (dict(region_tokens=LAYOUT.region_tokens - 100),
                        ["region_tokens", "outside"]),
     "fixed out of range": (dict(fixed_tokens=torch.tensor([0, N], dtype=I32)),
@@ -72,8 +81,10 @@ ATTENTION_CASES = {
                        ["fixed_tokens", "outside"]),
     "fixed dtype": (dict(fixed_tokens=torch.tensor([0.0])), ["fixed_tokens", "int32"]),
     "q_pos shape": (dict(q_pos=torch.zeros(B, Lq + 1, dtype=I32)), ["q_pos", "shape"]),
+    "q_pos batch": (dict(q_pos=torch.zeros(B + 1, Lq, dtype=I32)), ["q_pos", "shape"]),
     "q_pos dtype": (dict(q_pos=torch.zeros(B, Lq, dtype=torch.int64)), ["q_pos", "int32"]),
     "scale": (dict(scale=float("nan")), ["scale"]),
+    "scale inf": (dict(scale=float("inf")), ["scale"]),
 }
 
 
@@ -89,6 +100,7 @@ TOPK_CASES = {
     "k < 1": (dict(k=0), ["k must be >= 1"]),
     "q rank": (dict(q=torch.randn(Lq, D)), ["q", "4-D"]),
     "desc dtype": (dict(desc=torch.randn(B, Hkv, R, D).double()), ["desc", "dtype"]),
+    "desc batch": (dict(desc=torch.randn(B + 1, Hkv, R, D)), ["desc", "batch"]),
     "desc regions": (dict(desc=torch.randn(B, Hkv, R + 1, D)), ["desc", "regions"]),
     "desc heads": (dict(desc=torch.randn(B, 3, R, D)), ["multiple"]),
     "desc head dim": (dict(desc=torch.randn(B, Hkv, R, D + 2)), ["head dim"]),
@@ -114,6 +126,9 @@ POOL_CASES = {
     "keys dtype": (dict(k=torch.randn(B, Hkv, N, D).int()), ["keys", "float32"]),
     "token out of range": (dict(region_tokens=LAYOUT.region_tokens + N), ["region_tokens"]),
     "ptr past tokens": (dict(region_tokens=LAYOUT.region_tokens[:3]), ["region_ptr", "runs past"]),
+    "N past int32": (dict(k=torch.empty(1, 1, 2**31, 0), region_ptr=torch.tensor([0, 1], dtype=I32),
+                          region_tokens=torch.tensor([2**31 - 1], dtype=I32)),
+                     ["N (keys.size(2))", "int32"]),
     "tokens batch": (dict(region_tokens=LAYOUT.region_tokens.expand(5, -1)),
                      ["region_tokens", "batch"]),
 }
@@ -143,6 +158,25 @@ def test_backward_rejects_mismatched_saved_tensors():
     with pytest.raises(RuntimeError, match="num_keys"):
         torch.ops.gaze.region_pool_backward(torch.randn(B, Hkv, R, D), a["region_ptr"],
                                             a["region_tokens"], -1)
+
+
+def test_backward_checks_every_saved_tensor_shape():
+    a = base_args()
+    out, lse = ops.gaze_attention(**a)
+    args = [out, None, a["q"], a["k"], a["v"], out, lse, a["region_ptr"], a["region_tokens"],
+            a["fixed_tokens"], a["idx"], None, 0.5]
+    for i, name, bad in ((0, "grad_out", out[..., :1]),           # only the head dim differs
+                         (5, "out", out[:, :1]),                   # only the heads differ
+                         (6, "lse", lse.reshape(B * Hq, Lq)),      # same numel, other shape
+                         (1, "grad_lse", lse.double()),
+                         (1, "grad_lse", lse[:, :, :1])):
+        bad_args = list(args)
+        bad_args[i] = bad
+        with pytest.raises(RuntimeError, match=f"gaze_attention_backward: {name} must"):
+            torch.ops.gaze.gaze_attention_backward(*bad_args)
+    with pytest.raises(RuntimeError, match="grad_desc has 5 regions"):
+        torch.ops.gaze.region_pool_backward(torch.randn(B, Hkv, R + 1, D), a["region_ptr"],
+                                            a["region_tokens"], N)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

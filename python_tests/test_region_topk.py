@@ -81,6 +81,22 @@ def test_random_scores_agree_with_reference(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_many_query_rows(device, share_kv):
+    """More query rows than one CPU chunk of 16 (a full chunk and a ragged last one)."""
+    gen = generator(13)
+    B, Hkv, G, Lq, D, N = 2, 2, 2, 37, 16, 60
+    layout = random_batch_layout(gen, B, N, max_regions=12, max_region_size=5)
+    q = small_integers(gen, (B, Hkv * G, Lq, D), torch.float32, device)
+    desc = small_integers(gen, (B, Hkv, layout.num_regions, D), torch.float32, device)
+    q_pos = q_positions(gen, B, Lq, N)
+    for pos in (None, q_pos):
+        (idx, score), (want_idx, want_score) = run_both(q, desc, layout, 3, share_kv, pos)
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(score, want_score, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_many_regions_and_large_k(device):
     gen = generator(12)
     B, H, D, R = 1, 2, 8, 65536
