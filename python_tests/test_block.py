@@ -1,4 +1,6 @@
 """The attention block, its cache, context tokens and the top-K schedule."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,6 +59,20 @@ def test_dense_rows_are_the_non_text_rows_of_the_dense_mask():
         mask = layout.dense_row_mask[b, 0]
         assert torch.equal(mask[real], layout.dense_mask[b, 0, rows[real]])
         assert all(m.nonzero().flatten().tolist() == [0] for m in mask[~real])
+
+
+def test_padding_entries_of_dense_rows_see_key_0_and_text_rows_are_causal():
+    # the text-only sample has fewer dense rows than the other: its row list is padded
+    layout = build_multimodal_layout([[("visual", 1, 2, 2), ("text", 1)], [("text", 6)]],
+                                     num_context=1, region_shape=(1, 2, 2))
+    L = layout.seq_len
+    assert layout.dense_rows[1].tolist() == [L] * layout.dense_rows.shape[1]
+    mask = layout.dense_row_mask[1, 0]
+    assert mask.shape == (layout.dense_rows.shape[1], L)
+    assert all(m.nonzero().flatten().tolist() == [0] for m in mask)
+    for b in range(2):  # text rows of dense_mask: every position up to the query's
+        for i in torch.nonzero(layout.kinds[b] == TEXT).flatten().tolist():
+            assert layout.dense_mask[b, 0, i].nonzero().flatten().tolist() == list(range(i + 1))
 
 
 @pytest.mark.parametrize("sample", [[("visual", 2, 2)], [("text", 3)]], ids=["visual", "text"])
@@ -170,3 +186,116 @@ def test_constant_schedule_and_bad_arguments():
         TopKSchedule(target=0, num_regions=16)
     with pytest.raises(ValueError):
         TopKSchedule(target=2, num_regions=16, kind="exp")
+
+
+def test_context_tokens_take_the_dtype_of_the_frames():
+    ctx = ContextTokens(d_model=4, num_tokens=2)  # float32 parameters
+    image = torch.randn(2, 3, 4).to(torch.bfloat16)
+    x, _ = ctx([[image]])
+    assert x.dtype == torch.bfloat16 and x.shape == (1, 6 + 2, 4)
+    torch.testing.assert_close(x[0, 6:], ctx.tokens.to(torch.bfloat16))
+
+
+def test_layouts_are_cached_by_plan():
+    plans = [[("text", 2), ("visual", 1, 2, 2)], [("text", 3)]]
+    first = build_multimodal_layout(plans, num_context=1, region_shape=(1, 2, 2))
+    again = build_multimodal_layout([list(p) for p in plans], num_context=1, region_shape=[1, 2, 2])
+    assert again is first
+    assert build_multimodal_layout(plans, num_context=2, region_shape=(1, 2, 2)) is not first
+
+
+def test_text_only_dense_block_is_causal_sdpa_with_rotary_embeddings():
+    """An independent check of the projections, rotary embedding and scale, which the
+    block and its reference_forward share: text alone with topk=None is causal attention."""
+    torch.manual_seed(0)
+    block = gaze_ext.block.GazeAttentionBlock(d_model=16, num_heads=4, num_kv_heads=2).double()
+    layout = build_multimodal_layout([[("text", 7)]], region_shape=(1, 2, 2))
+    x = torch.randn(1, 7, 16, generator=generator(5), dtype=torch.float64)
+
+    def rope(t):  # standard half-split RoPE: pairs (i, i + D/2) rotated by pos * theta^(-2i/D)
+        D = t.shape[-1]
+        freqs = 10000.0 ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+        z = torch.complex(t[..., : D // 2], t[..., D // 2:])
+        angles = torch.arange(7.0, dtype=torch.float64)[:, None] * freqs
+        z = z * torch.polar(torch.ones_like(angles), angles)
+        return torch.cat([z.real, z.imag], -1)
+
+    heads = lambda proj, h: proj(x).view(1, 7, h, 4).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(block.q_proj, 4), heads(block.k_proj, 2), heads(block.v_proj, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True,
+                                                           enable_gqa=True)
+    expected = block.o_proj(out.transpose(1, 2).reshape(1, 7, 16))
+    torch.testing.assert_close(block(x, layout, None), expected)
+
+
+def test_block_rejects_query_heads_not_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="multiple"):
+        gaze_ext.block.GazeAttentionBlock(d_model=24, num_heads=4, num_kv_heads=3)
+
+
+def test_selection_is_recorded_only_when_asked():
+    model = tiny_model()
+    x, layout = model.embed_batch(samples(generator(6)))
+    block = model.layers[0].attn
+    block(x, layout, 1)
+    assert block.last_selection is None
+    block.record_selection = True
+    block(x, layout, 1)
+    text_rows = layout.text_rows.shape[1]
+    assert block.last_selection.shape == (3, block.num_kv_heads, text_rows, 1)
+
+
+def test_cache_holds_a_prompt_of_max_len_and_then_is_full():
+    layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2)]], num_context=1,
+                                     region_shape=(1, 2, 2))
+    cache = GazeKVCache(1, 1, 1, 4, max_len=layout.seq_len)
+    cache.start(layout)
+    with pytest.raises(RuntimeError, match="full"):
+        cache.begin_step()
+    with pytest.raises(ValueError, match="max_len"):
+        GazeKVCache(1, 1, 1, 4, max_len=layout.seq_len - 1).start(layout)
+
+
+def test_cache_start_compacts_fixed_tokens_with_padding_inside():
+    layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2), ("text", 1)]],
+                                     num_context=1, region_shape=(1, 2, 2))
+    fixed = layout.gaze.fixed_tokens  # [[0, 1, 6, 7]]
+    holey = torch.tensor([[-1, 0, -1, 1, 6, -1, 7]], dtype=torch.int32)
+    layout = dataclasses.replace(layout, gaze=layout.gaze._replace(fixed_tokens=holey))
+    cache = GazeKVCache(1, 1, 1, 4, max_len=12)
+    cache.start(layout)
+    assert cache.fixed_count.tolist() == [4]
+    assert cache.fixed_tokens[0, :4].tolist() == fixed[0].tolist()
+    cache.begin_step()
+    assert cache.fixed_tokens[0, :5].tolist() == fixed[0].tolist() + [8]
+    assert (cache.fixed_tokens[0, 5:] == -1).all()
+
+
+def test_cache_can_be_restarted_for_a_new_prompt():
+    long = build_multimodal_layout([[("text", 5)]])
+    short = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2)]], num_context=1,
+                                    region_shape=(1, 2, 2))
+    cache, fresh = GazeKVCache(1, 1, 1, 4, max_len=12), GazeKVCache(1, 1, 1, 4, max_len=12)
+    cache.start(long)
+    for _ in range(3):
+        cache.begin_step()
+        cache.end_step()
+    cache.start(short)
+    fresh.start(short)
+    assert not cache.decoding
+    assert torch.equal(cache.fixed_tokens, fresh.fixed_tokens)
+    assert cache.fixed_count.tolist() == fresh.fixed_count.tolist() == [3]
+    assert cache.length.tolist() == [7]
+
+
+def test_schedule_values_inside_the_decay_and_without_one():
+    linear = TopKSchedule(target=2, num_regions=16, dense_steps=10, decay_steps=100)
+    cosine = TopKSchedule(target=2, num_regions=16, dense_steps=10, decay_steps=100, kind="cosine")
+    assert linear(40) == 12   # 16 - 0.3 * 14 = 11.8, rounded
+    assert cosine(40) == 13   # 16 - (0.5 - 0.5 cos(0.3 pi)) * 14 = 13.1
+    at_once = TopKSchedule(target=3, num_regions=16, dense_steps=5, decay_steps=0)
+    assert at_once(4) is None and at_once(5) == 3 and at_once(6) == 3
+    with pytest.raises(ValueError):
+        TopKSchedule(target=2, num_regions=16, dense_steps=-1)
+    with pytest.raises(ValueError):
+        TopKSchedule(target=2, num_regions=16, decay_steps=-1)

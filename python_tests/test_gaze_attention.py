@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gaze_ext
 from gaze_ext import build_layout, ops, reference
 from gaze_ext.layout import GazeLayout
 from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
@@ -185,3 +186,36 @@ def test_cpu_backward_query_chunks_match_one_thread():
 
     for one, many in zip(grads(1), grads(7)):  # 7 threads, 2 heads: 4 chunks of rows
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("share_kv, causal, topk, scale, cached, regions", [
+    (True, False, 2, None, False, True),
+    (False, True, 3, 0.3, False, True),
+    (True, True, None, None, True, True),   # dense over the layout, stale cached descriptors
+    (False, True, None, None, False, False),  # no regions at all
+], ids=["kv", "q-causal-scale", "dense-cached", "no-regions"])
+def test_functional_gaze_attention_composes_the_reference_ops(share_kv, causal, topk, scale,
+                                                              cached, regions):
+    gen = generator(31)
+    B, Hq, Hkv, Lq, N, D = 2, 4, 2, 5, 60, 16
+    layout = (random_batch_layout(gen, B, N, max_regions=8) if regions
+              else build_layout([], N))
+    q, k, v = [torch.randn(s, generator=gen, dtype=torch.float64)
+               for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    q_pos = q_positions(gen, B, Lq, N) if causal else None
+    pooled_from = torch.randn(k.shape, generator=gen, dtype=torch.float64) if cached else k
+    desc = reference.region_pool(pooled_from, layout.region_ptr, layout.region_tokens)
+    slots = max(layout.num_regions, 1) if topk is None else topk
+    idx, score = reference.region_topk(q, desc, layout.region_ptr, slots, share_kv, q_pos,
+                                       layout.region_pos if causal else None)
+    out, lse = reference.gaze_attention(q, k, v, *layout_args(layout, "cpu"), idx, q_pos, scale)
+    res = gaze_ext.gaze_attention(q, k, v, layout, topk, share_kv=share_kv, q_pos=q_pos,
+                                  scale=scale, desc=desc if cached else None,
+                                  return_selection=True)
+    assert torch.equal(res.idx, idx)
+    torch.testing.assert_close(res.score, score)
+    torch.testing.assert_close(res.out, out)
+    torch.testing.assert_close(res.lse, lse)
+    torch.testing.assert_close(gaze_ext.gaze_attention(q, k, v, layout, topk, share_kv=share_kv,
+                                                       q_pos=q_pos, scale=scale,
+                                                       desc=desc if cached else None), out)

@@ -116,3 +116,69 @@ def test_frames_with_a_stride_leave_room_for_context_tokens():
     validate_layout(layout)
     with pytest.raises(ValueError, match="frame_stride"):
         build_layout([Visual(0, 2, 2, 3, frame_stride=4)], 20)
+
+
+def test_visuals_may_end_exactly_at_seq_len():
+    # an image whose last token is the last position; frames with a stride whose last frame
+    # has no context tokens after it (the stride counts only between frames)
+    image = build_layout([(2, 1, 2, 3)], 8)
+    assert sorted(p for r in regions_of(image) for p in r) == list(range(2, 8))
+    assert image.fixed_tokens.tolist() == [0, 1]
+    video = build_layout([Visual(0, 2, 2, 2, frame_stride=5)], 9, region_shape=(2, 2, 2))
+    assert regions_of(video) == [[0, 1, 2, 3, 5, 6, 7, 8]]
+    assert video.fixed_tokens.tolist() == [4]
+    validate_layout(image)
+    validate_layout(video)
+
+
+@pytest.mark.parametrize("visuals, region_shape, match", [
+    ([(-1, 1, 2, 2)], (1, 6, 6), ">= 0"),
+    ([(0, 1, 2, 2)], (1, 0, 2), "positive"),
+])
+def test_builder_rejects_negative_offsets_and_empty_region_shapes(visuals, region_shape, match):
+    with pytest.raises(ValueError, match=match):
+        build_layout(visuals, 10, region_shape=region_shape)
+
+
+def test_batch_builder_takes_explicit_fixed_tokens():
+    batch = build_batch_layout([([(2, 1, 2, 2)], 10, [0, 7]), ([(0, 1, 2, 2)], 6)],
+                               region_shape=(1, 2, 2))
+    assert batch.fixed_tokens[0].tolist() == [0, 7]
+    assert batch.fixed_tokens[1].tolist() == [4, 5]
+    assert batch.region_pos[1].tolist() == [3]
+    validate_layout(batch)
+
+
+def test_ragged_batch_pads_regions_with_position_zero():
+    batch = build_batch_layout([([(0, 1, 6, 6)], 40), ([(2, 1, 12, 6), (80, 1, 6, 6)], 120)])
+    assert batch.region_pos[0].tolist() == [35, 0, 0]
+
+
+def test_validator_ignores_region_tokens_past_the_last_region():
+    # a short sample's region_tokens are padded (with 0 by stack_layouts, or any value in a
+    # hand-made layout): padding is not a position, so position 0 may be fixed
+    batch = build_batch_layout([([(1, 1, 2, 2)], 8), ([(0, 1, 2, 4)], 8)], region_shape=(1, 2, 2))
+    assert batch.region_tokens[0, 4:].tolist() == [0] * 4 and batch.fixed_tokens[0, 0] == 0
+    validate_layout(batch)
+    single = good_layout()
+    validate_layout(single._replace(
+        region_tokens=torch.cat([single.region_tokens, torch.tensor([-5, 99], dtype=torch.int32)])))
+
+
+def test_validator_bounds_positions_by_num_keys():
+    layout = good_layout()  # region positions up to 12, N = 16
+    with pytest.raises(ValueError, match=r"outside \[0, 12\)"):
+        validate_layout(layout, num_keys=12)
+    tokens = layout.region_tokens.clone()
+    tokens[-1] = 16  # == N: one past the last key
+    with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
+        validate_layout(layout._replace(region_tokens=tokens))
+    with pytest.raises(ValueError, match=r"outside \[-1, 16\)"):
+        validate_layout(layout._replace(
+            fixed_tokens=torch.cat([layout.fixed_tokens, torch.tensor([-2], dtype=torch.int32)])))
+
+
+def test_validator_rejects_tensors_on_another_device():
+    layout = good_layout()
+    with pytest.raises(ValueError, match="fixed_tokens is on meta"):
+        validate_layout(layout._replace(fixed_tokens=layout.fixed_tokens.to("meta")))

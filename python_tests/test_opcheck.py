@@ -57,3 +57,17 @@ def test_opcheck_gaze_attention(device, dtype, causal):
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(),
                 v.detach(), out.detach(), lse.detach(), *args[3:])
     torch.library.opcheck(torch.ops.gaze.gaze_attention_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_opcheck_output_dtypes_of_the_fake_kernels(dtype):
+    """lse is float64 for float64 inputs (float32 otherwise); scores are float32 whatever the
+    dtype of q: the fake kernels must say the same as the real ones."""
+    q, k, v, layout, idx, q_pos = inputs("cpu", dtype)
+    args = (q, k, v, layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos,
+            0.25)
+    torch.library.opcheck(torch.ops.gaze.gaze_attention.default, args)
+    desc = torch.randn(B, Hkv, layout.num_regions, D).to(dtype)
+    for share_kv in (True, False):
+        torch.library.opcheck(torch.ops.gaze.region_topk.default,
+                              (q, desc, layout.region_ptr, 4, share_kv, q_pos, layout.region_pos))

@@ -145,3 +145,17 @@ def test_float64_scores_rounded_to_float32():
     (idx, score), (want_idx, want_score) = run_both(q, desc, layout, 4, True)
     assert torch.equal(idx, want_idx) and score.dtype == torch.float32
     torch.testing.assert_close(score, want_score)
+
+
+def test_reference_ranks_nan_after_minus_inf():
+    """The oracle follows the same rule as the kernels: NaN after every number, -inf included."""
+    q = torch.ones(1, 1, 1, 2)
+    desc = torch.tensor([[[[float("nan"), 0.0], [-float("inf"), 0.0], [1.0, 0.0],
+                           [float("nan"), 0.0], [-float("inf"), 0.0]]]])
+    ptr = torch.arange(6, dtype=torch.int32)
+    want = [2, 1, 4, 0, 3]
+    for topk in (ops.region_topk, reference.region_topk):
+        idx, score = topk(q, desc, ptr, 5, True)
+        assert idx.flatten().tolist() == want, topk
+        assert score.flatten()[:3].tolist() == [1.0, float("-inf"), float("-inf")]
+        assert score.flatten()[3:].isnan().all()
