@@ -176,8 +176,7 @@ def _gaze_attention_setup(ctx, inputs, output):
 
 def _gaze_attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, region_ptr, region_tokens, fixed_tokens, idx, q_pos = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
+    # Neither gradient is None: autograd passes zeros for an output that was not used.
     dq, dk, dv = torch.ops.gaze.gaze_attention_backward(
         grad_out, grad_lse, q, k, v, out, lse, region_ptr, region_tokens, fixed_tokens, idx,
         q_pos, ctx.scale,
