@@ -143,12 +143,13 @@ def test_region_pool_and_its_backward_match_cpu(sim, dtype, head_dim, strided, s
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_region_pool_backward_is_deterministic_when_asked(sim, dtype):
+@pytest.mark.parametrize("head_dim,strided", [(64, False), (128, True)])
+def test_region_pool_backward_is_deterministic_when_asked(sim, dtype, head_dim, strided):
     """Tokens listed in several regions: the ordered kernel adds in one order whatever
-    the threads' order."""
+    the threads' order. (128, strided: element loads, more chunks per row than lanes.)"""
     gen = generator(150)
     layout = overlapping_layout()
-    grad = torch.randn(2, 3, layout.num_regions, 64, generator=gen).to(dtype)
+    grad = random_tensor(gen, (2, 3, layout.num_regions, head_dim), dtype, "cpu", strided)
     lay = (layout.region_ptr, layout.region_tokens, layout.num_keys)
     torch.use_deterministic_algorithms(True)
     try:
@@ -204,6 +205,8 @@ SPLIT_CASES = [
     (1, 6, 2, 1, 6000, 64, "kv", False, 700, False),   # many slots: several splits, merged
     (1, 2, 1, 2, 300, 256, "q", False, 5, False),      # head dim 256
     (1, 2, 2, 2, 200, 40, "kv", True, 0, "last"),      # no slots; D = 40; unit-stride-free rows
+    (1, 12, 1, 2, 300, 64, "kv", True, 10, False),     # G = 12: two head chunks, the last of 4
+    (2, 4, 2, 2, 300, 64, "q", True, 8, False),        # per-head selection over 2 KV heads
 ]
 
 
@@ -373,6 +376,32 @@ def test_tensor_core_kernels_with_large_regions(sim, monkeypatch):
     idx = random_selection(gen, (B, Hkv, Lq, 3), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N)
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
+                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+
+
+def test_tensor_core_kernels_with_per_head_selection_over_kv_heads(sim, monkeypatch):
+    """One selection per query head with Hkv = 2: query heads 2 and 3 read KV head 1."""
+    gen = generator(14)
+    B, Hq, Hkv, Lq, N, D = 1, 4, 2, 20, 300, 64
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    idx = random_selection(gen, (B, Hq, Lq, 6), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N)
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
+                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+
+
+def test_tensor_core_kernels_with_every_slot_taken(sim, monkeypatch):
+    """positions * k = 16 * 8, a power of two, and no slot -1 or repeated: the sorted
+    (position, region) entries fill their buffer, the last one a real entry."""
+    gen = generator(15)
+    B, Hq, Hkv, Lq, N, D, K = 1, 8, 2, 16, 300, 64, 8
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12,
+                                 empty_regions=False)
+    R = layout.num_regions
+    assert R >= K
+    idx = torch.stack([torch.randperm(R, generator=gen)[:K] for _ in range(B * Hkv * Lq)])
+    idx = idx.view(B, Hkv, Lq, K).int()
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, None,
                                      ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
 
 
