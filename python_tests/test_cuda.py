@@ -11,9 +11,10 @@ import torch
 
 import gaze_ext
 from gaze_ext import ops, reference
-from helpers import (TILED_CASES, atol_for, cuda_ready, error_bound_check, generator,
-                     high_precision, q_positions, random_batch_layout, random_selection,
-                     tiled_case, topk_many_regions)
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, cuda_ready,
+                     error_bound_check, generator, high_precision, q_positions,
+                     random_batch_layout, random_selection, split_case, tiled_case,
+                     topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
 
@@ -176,6 +177,42 @@ def test_many_splits_and_slots_match_cpu(share_kv):
                              dev.fixed_tokens, idx.cuda())
     torch.testing.assert_close(got[0].cpu(), want[0], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got[1].cpu(), want[1], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_split_kernels_match_cpu(monkeypatch, dtype, case, deterministic):
+    """The split-K forward and backward (atomic, or ordered when deterministic) on the
+    shapes test_cuda_sim runs on the emulator: GQA groups past 8 heads, per-head
+    selection over several KV heads, head dim 256, many slots, rows without unit stride."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    gen, qkv, args = split_case(case, dtype, "cuda")
+    cpu_qkv = [t.cpu() for t in qkv]
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    out, lse = ops.gaze_attention(*qkv, *cuda_args)
+    want_out, want_lse = ops.gaze_attention(*cpu_qkv, *args)
+    tol = dict(atol=atol_for(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-5)
+    torch.testing.assert_close(out.cpu(), want_out, **tol)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
+
+    grad = torch.randn(want_out.shape, generator=gen).to(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = torch.ops.gaze.gaze_attention_backward(grad.cuda(), None, *qkv, out, lse,
+                                                      *cuda_args)
+        if deterministic:
+            again = torch.ops.gaze.gaze_attention_backward(grad.cuda(), None, *qkv, out, lse,
+                                                            *cuda_args)
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    want = torch.ops.gaze.gaze_attention_backward(grad, None, *cpu_qkv, want_out, want_lse,
+                                                  *args)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        scale = w.float().abs().max().item() + 1.0
+        torch.testing.assert_close(g.cpu().float(), w.float(), atol=atol_for(dtype) * scale,
+                                   rtol=1e-2 if dtype != torch.float32 else 1e-4, msg=name)
 
 
 def cuda_kernel_names(fn):

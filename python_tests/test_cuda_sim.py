@@ -14,9 +14,10 @@ import cuda_sim
 import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
-from helpers import (DTYPES, TILED_CASES, atol_for, error_bound_check, generator,
-                     high_precision, q_positions, random_batch_layout, random_selection,
-                     random_tensor, tiled_case, topk_many_regions)
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, error_bound_check,
+                     generator, high_precision, q_positions, random_batch_layout,
+                     random_selection, random_tensor, split_case, tiled_case,
+                     topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_sim.available(), reason="needs the CUDA headers")
 
@@ -196,35 +197,6 @@ def test_region_topk_with_many_regions_matches_cpu(sim, regions, q_heads, q_len,
 
 
 # ---------------------------------------------------------- gaze_attention, split-K kernels
-
-SPLIT_CASES = [
-    # B, Hq, Hkv, Lq, N, D, selection heads, causal, k, strided
-    (2, 8, 2, 1, 300, 128, "kv", False, 8, False),     # decode, G = 4
-    (1, 8, 1, 2, 400, 64, "kv", True, 20, True),       # G = 8, strided
-    (2, 4, 4, 3, 250, 96, "q", True, 6, False),        # per-head selection
-    (1, 6, 2, 1, 6000, 64, "kv", False, 700, False),   # many slots: several splits, merged
-    (1, 2, 1, 2, 300, 256, "q", False, 5, False),      # head dim 256
-    (1, 2, 2, 2, 200, 40, "kv", True, 0, "last"),      # no slots; D = 40; unit-stride-free rows
-    (1, 12, 1, 2, 300, 64, "kv", True, 10, False),     # G = 12: two head chunks, the last of 4
-    (2, 4, 2, 2, 300, 64, "q", True, 8, False),        # per-head selection over 2 KV heads
-]
-
-
-def split_case(case, dtype):
-    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = SPLIT_CASES[case]
-    gen = generator(300 + case)
-    if N > 1000:
-        layout = gaze_ext.build_layout([(0, 40, 12, 12)], N, region_shape=(1, 2, 3))
-    else:
-        layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=12)
-    Hs = Hkv if sel == "kv" else Hq
-    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N) if causal else None
-    qkv = [random_tensor(gen, s, dtype, "cpu", strided)
-           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
-    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.3)
-    return gen, qkv, args
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
