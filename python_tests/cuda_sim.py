@@ -113,7 +113,10 @@ def build(verbose=False, sanitize=False):
         write_if_changed(src / "common" / path.name, text)
     sources += [src / "common" / "op_args.cpp", src / "common" / "checks.cpp",
                 CSRC / "cuda_sim" / "gaze_sim.cpp"]
-    flags = ["-O1", "-std=c++20", "-DGAZE_CUDA_SIM", "-include", str(CSRC / "cuda_sim" / "gaze_sim.h")]
+    # 1 MiB of region_topk scratch per launch (a GPU build has 512 MiB): a few rows with
+    # tens of thousands of regions take several launches.
+    flags = ["-O1", "-std=c++20", "-DGAZE_CUDA_SIM", "-DGAZE_TOPK_SCRATCH_BYTES=1048576",
+             "-include", str(CSRC / "cuda_sim" / "gaze_sim.h")]
     sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
     name = "gaze_cuda_sim_asan" if sanitize else "gaze_cuda_sim"
     objects = BUILD / name

@@ -160,6 +160,15 @@ def test_topk_scratch_paths_match_cpu():
         assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 
+def test_topk_rows_past_one_launch_match_cpu():
+    """65,536 regions with k = 65,536 take 768 KB of scratch a row: 512 MB holds 682 rows,
+    so 700 rows go to a second launch (test_cuda_sim reaches it with a smaller budget)."""
+    q, desc, ptr = topk_many_regions(5, 65536, q_heads=2, q_len=350)
+    got = ops.region_topk(q.cuda(), desc.cuda(), ptr.cuda(), 65536, False)
+    want = ops.region_topk(q, desc, ptr, 65536, False)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
 @pytest.mark.parametrize("share_kv", [True, False])
 def test_many_splits_and_slots_match_cpu(share_kv):
     """B = 1, one KV head, more slots than one split holds: the split-K merge."""

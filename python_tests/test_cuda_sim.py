@@ -183,14 +183,18 @@ def test_region_topk_matches_cpu(sim, share_kv, causal, k):
     assert_scores_equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("regions,q_heads,q_len,share_kv,ks", [
-    (30000, 2, 2, False, (300, 16000)),  # keys and sort buffer in global scratch (test_cuda's case)
-    (65536, 4, 1, True, (256, 65536)),   # the contract's bounds, shared over a GQA group
+@pytest.mark.parametrize("regions,q_heads,q_len,share_kv,ks,launches", [
+    # keys (and, for k = 16000, the sort buffer) in global scratch: 8 rows, then 4, fit the
+    # emulator build's 1 MiB a launch, so 6 rows take 1 launch, then 2 (rows 4-5 at first_row 4)
+    (30000, 2, 3, False, (300, 16000), (1, 2)),
+    (65536, 4, 1, True, (256, 65536), (1, 2)),   # the contract's bounds, shared over a GQA group
 ])
-def test_region_topk_with_many_regions_matches_cpu(sim, regions, q_heads, q_len, share_kv, ks):
+def test_region_topk_with_many_regions_matches_cpu(sim, regions, q_heads, q_len, share_kv, ks,
+                                                   launches):
     q, desc, ptr = topk_many_regions(4, regions, q_heads, q_len)
-    for k in ks:
+    for k, count in zip(ks, launches):
         got = sim.region_topk(q, desc, ptr, k, share_kv, None, None)
+        assert len(sim.take_launched_kernels()) == count
         want = ops.region_topk(q, desc, ptr, k, share_kv)
         assert torch.equal(got[0], want[0])
         assert_scores_equal(got[1], want[1])

@@ -30,7 +30,13 @@ constexpr int kRowsInFlight = 4;  // descriptor rows a lane group loads before i
 constexpr int kWarps = kThreads / 32;
 constexpr int kRankSortSize = 256;  // up to this many keys, step 5 counts ranks
 constexpr int64_t kSharedBudget = 96 * 1024;     // dynamic shared memory per block we use
-constexpr int64_t kScratchBudget = 512ll << 20;  // global scratch per launch when it does not fit
+// Global scratch per launch when the keys or the sort buffer do not fit in shared memory;
+// rows past it go to further launches. gaze_sim's build sets a small one, so that its tests
+// reach several launches with a few rows.
+#ifndef GAZE_TOPK_SCRATCH_BYTES
+#define GAZE_TOPK_SCRATCH_BYTES (512ll << 20)
+#endif
+constexpr int64_t kScratchBudget = GAZE_TOPK_SCRATCH_BYTES;
 
 struct TopkParams {
   const void* q;
