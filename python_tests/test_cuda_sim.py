@@ -33,6 +33,7 @@ def built():
 @pytest.fixture
 def sim(built):
     torch.ops.gaze_sim.take_launched_kernels()  # forget earlier tests' launches
+    torch.ops.gaze_sim.take_ldmatrix_wavefronts()
     return torch.ops.gaze_sim
 
 
@@ -40,6 +41,13 @@ def launched(sim):
     """The kernels run since the last call, by function name."""
     names = [s.split("(")[0].split()[-1].split("::")[-1] for s in sim.take_launched_kernels()]
     return {n.split("<")[0] for n in names}
+
+
+def assert_ldmatrix_conflict_free(sim):
+    """Each ldmatrix phase since the last call (8 rows of 16 bytes) took one shared-memory
+    wavefront on a GPU: the padded tile layouts keep its rows in different banks."""
+    phases, wavefronts = sim.take_ldmatrix_wavefronts()
+    assert phases > 0 and wavefronts == phases, f"{wavefronts} wavefronts for {phases} phases"
 
 
 def assert_scores_equal(got, want):
@@ -58,6 +66,14 @@ def test_emulated_mma_is_a_matmul(sim, dtype, transposed):
     b = torch.randn(16, 16, generator=gen).to(dtype)
     got = sim.selftest_mma(a, b, transposed)
     torch.testing.assert_close(got, a.float() @ b.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride,wavefronts", [(64, 32), (32, 16), (16, 8), (72, 4), (8, 4)])
+def test_emulated_ldmatrix_counts_bank_conflicts(sim, stride, wavefronts):
+    """ldmatrix.x4 over rows `stride` 16-bit elements apart: 8 rows of 16 bytes per matrix,
+    one wavefront when they fall in 8 different groups of 4 banks (128-byte lines)."""
+    sim.selftest_strided_ldmatrix(stride)
+    assert sim.take_ldmatrix_wavefronts() == [4, wavefronts]
 
 
 def test_emulated_warp_collectives(sim):
@@ -291,6 +307,7 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
     out, lse = sim.gaze_attention(*qkv, *args)
     assert torch.equal(out, sim.gaze_attention(*qkv, *args)[0])  # whatever the thread order
     assert launched(sim) == {"attention_forward_tiled_kernel"}
+    assert_ldmatrix_conflict_free(sim)
 
     hp = high_precision(dtype)
     ref = [t.to(hp).requires_grad_() for t in qkv]
@@ -304,6 +321,7 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
     grads = sim.gaze_attention_backward(grad.to(dtype), None, *qkv, out, lse, *args)
     key_major = {"selection_keys_kernel", "region_keys_backward_kernel"} if K > 0 else set()
     assert launched(sim) == {"attention_backward_tiled_kernel"} | key_major
+    assert_ldmatrix_conflict_free(sim)
     (ref_out * grad.to(hp)).sum().backward()
     (same_out.float() * grad).sum().backward()
     for name, got, r, s in zip("qkv", grads, ref, same):

@@ -121,6 +121,9 @@ struct Block {
 Block* g_block = nullptr;
 std::map<const void*, int> g_max_dynamic_shared;  // cudaFuncSetAttribute, per kernel
 std::vector<std::string> g_launched;               // note_kernel's record
+// ldmatrix's shared-memory traffic: phases (one 8 x 8 matrix each) and the wavefronts they
+// take on a GPU, one per phase unless rows of the phase share banks.
+int64_t g_ldmatrix_phases = 0, g_ldmatrix_wavefronts = 0;
 struct SharedVariable {
   std::unique_ptr<unsigned char[]> bytes;
   size_t size;
@@ -358,6 +361,18 @@ void load_matrices_x4(const void* row_address, bool transposed, uint32_t (&r)[4]
     return p;
   };
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  if (lane == 0) {
+    // A phase reads its 8 rows of 16 bytes (4 banks each) in one wavefront when they lie
+    // in 8 different groups of 4 banks; otherwise in as many as the fullest group holds.
+    for (int i = 0; i < 4; ++i) {
+      int rows_in_group[8] = {};
+      for (int j = 0; j < 8; ++j) {
+        ++rows_in_group[reinterpret_cast<uintptr_t>(row(8 * i + j)) / 16 % 8];
+      }
+      ++g_ldmatrix_phases;
+      g_ldmatrix_wavefronts += *std::max_element(rows_in_group, rows_in_group + 8);
+    }
+  }
   for (int i = 0; i < 4; ++i) {
     const uint16_t lo = transposed ? row(8 * i + 2 * t)[g] : row(8 * i + g)[2 * t];
     const uint16_t hi = transposed ? row(8 * i + 2 * t + 1)[g] : row(8 * i + g)[2 * t + 1];
@@ -485,5 +500,12 @@ TORCH_LIBRARY_FRAGMENT(gaze_sim, m) {
     std::vector<std::string> launched;
     launched.swap(gaze_sim::g_launched);
     return launched;
+  });
+  // ldmatrix phases and their shared-memory wavefronts since the last call (equal when
+  // the tiles' layouts are free of bank conflicts).
+  m.def("take_ldmatrix_wavefronts() -> int[]", [] {
+    std::vector<int64_t> counts{gaze_sim::g_ldmatrix_phases, gaze_sim::g_ldmatrix_wavefronts};
+    gaze_sim::g_ldmatrix_phases = gaze_sim::g_ldmatrix_wavefronts = 0;
+    return counts;
   });
 }

@@ -20,7 +20,9 @@
 //     dynamic shared memory without cudaFuncSetAttribute;
 //   - __trap() fails the launch.
 // mma.sync is computed from the fragment layout of the PTX ISA manual (fp32
-// accumulation), independently of the kernels' own description of it.
+// accumulation), independently of the kernels' own description of it. ldmatrix also
+// counts the shared-memory wavefronts a GPU would take for it (more than one per 8 x 8
+// matrix when its rows share banks), so tests can hold the tile layouts conflict-free.
 #pragma once
 
 // The CUDA runtime calls the kernels' host code makes, answered by the emulator

@@ -56,6 +56,17 @@ __global__ void misaligned_ldmatrix_kernel(float* out) {
   out[threadIdx.x] = float(r[0]);
 }
 
+// One ldmatrix.x4 whose 32 rows lie `stride` 16-bit elements apart (a multiple of 8, at
+// most 72): the emulator counts the shared-memory wavefronts it would take on a GPU.
+__global__ void strided_ldmatrix_kernel(float* out, int stride) {
+  __shared__ __align__(16) uint16_t tile[32 * 72];
+  for (int i = threadIdx.x; i < 32 * 72; i += 32) tile[i] = 0;
+  __syncthreads();
+  uint32_t r[4];
+  load_matrices_x4<false>(tile + threadIdx.x * stride, r);
+  out[threadIdx.x] = float(r[0]);
+}
+
 // Thread i copies src[8i, 8i + 8) into shared memory with cp.async, as two groups of 16
 // bytes, and then (after the barrier) reads its neighbour's eight floats. `waits`: 0: no
 // copy_async_wait, 1: wait for all but the last group, 2: for all.
@@ -151,6 +162,13 @@ at::Tensor misaligned_ldmatrix() {
   return out;
 }
 
+at::Tensor strided_ldmatrix(int64_t stride) {
+  TORCH_CHECK(stride >= 0 && stride <= 72 && stride % 8 == 0, "stride: a multiple of 8 up to 72");
+  at::Tensor out = at::empty({32}, at::kFloat);
+  strided_ldmatrix_kernel<<<1, 32>>>(out.data_ptr<float>(), int(stride));
+  return out;
+}
+
 at::Tensor warp_ops(const at::Tensor& x) {
   at::Tensor out = at::empty({4, x.size(0)}, x.options());
   warp_ops_kernel<<<1, unsigned(x.size(0))>>>(x.data_ptr<float>(), out.data_ptr<float>());
@@ -191,6 +209,7 @@ at::Tensor empty_grid(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(gaze_sim, m) {
   m.def("selftest_mma", &gaze::cuda::mma_product);
   m.def("selftest_misaligned_ldmatrix", &gaze::cuda::misaligned_ldmatrix);
+  m.def("selftest_strided_ldmatrix", &gaze::cuda::strided_ldmatrix);
   m.def("selftest_async_copies", &gaze::cuda::async_copies);
   m.def("selftest_warp_ops", &gaze::cuda::warp_ops);
   m.def("selftest_neighbours", &gaze::cuda::neighbours);
