@@ -9,9 +9,16 @@
 # A second call, `... gpu_check.sh sanitizers`, builds again and runs compute-sanitizer's
 # racecheck, synccheck and initcheck on a smaller case (shared-memory races and barrier
 # misuse: what gaze_sim, whose fibers switch only at barriers, cannot see).
+# After a fix, shorter calls: `... gpu_check.sh tests [PYTEST ARGS]` (build, then those
+# tests, by default the whole suite, up to 420 s) or `... gpu_check.sh bench` (build,
+# then both benchmarks).
 set -uo pipefail
 MODE=${1:-full}
-case $MODE in full|sanitizers) ;; *) echo "usage: $0 [full|sanitizers]" >&2; exit 2 ;; esac
+case $MODE in
+  full|sanitizers|bench) ;;
+  tests) shift; PYTEST_ARGS=("$@") ;;
+  *) echo "usage: $0 [full|sanitizers|bench|tests [PYTEST ARGS]]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-latest}
 mkdir -p "$OUT"
@@ -51,16 +58,22 @@ sanitize() {  # sanitize TOOL LIMIT [ARGS...]: one compute-sanitizer tool over s
 
 step build 150 "$OUT/build.log" $PY setup.py build_ext --inplace
 # (gaze_sim, the CPU emulation of these kernels, is for machines without a GPU)
-if [ "$MODE" = full ]; then
-  step tests 180 "$OUT/tests.log" $PY -m pytest python_tests -q -ra --ignore=python_tests/test_cuda_sim.py
-  sanitize memcheck 80
+# A test that hangs past 60 s (a deadlock on the GPU) prints every thread's stack to the log.
+run_tests() {  # run_tests LIMIT [PYTEST ARGS]
+  local limit=$1; shift
+  [ $# -gt 0 ] || set -- python_tests --ignore=python_tests/test_cuda_sim.py
+  step tests "$limit" "$OUT/tests.log" $PY -m pytest -q -ra -o faulthandler_timeout=60 "$@"
+}
+benchmark() {
   step decode-benchmark 60 "$OUT/decode.log" $PY -m benchmarks.decode --device cuda --out "$OUT"
   step prefill-benchmark 100 "$OUT/prefill.log" $PY -m benchmarks.prefill --device cuda --out "$OUT"
-else
-  sanitize racecheck 200
-  sanitize synccheck 100
-  sanitize initcheck 100
-fi
+}
+case $MODE in
+  full) run_tests 180; sanitize memcheck 80; benchmark ;;
+  sanitizers) sanitize racecheck 200; sanitize synccheck 100; sanitize initcheck 100 ;;
+  tests) run_tests 420 "${PYTEST_ARGS[@]}" ;;
+  bench) benchmark ;;
+esac
 
 {
   echo "- build: $($PY -c 'import gaze_ext; print(gaze_ext.build_info())' 2>&1 | tail -1)"
@@ -89,8 +102,12 @@ fi
   for f in "$OUT/decode-cuda.md" "$OUT/prefill-cuda.md"; do
     [ -f "$f" ] && cat "$f" && echo
   done
-  for f in "$OUT/decode.log" "$OUT/prefill.log"; do
-    [ -f "$f" ] && grep -qiE "error|traceback" "$f" && { echo "## $(basename "$f")"; echo '```'; tail -n 30 "$f"; echo '```'; }
+  for name in decode prefill; do  # a benchmark's log when it wrote no report or an error
+    f="$OUT/$name.log"
+    [ -f "$f" ] || continue
+    if [ ! -f "$OUT/$name-cuda.md" ] || grep -qiE "error|traceback" "$f"; then
+      echo "## $name.log"; echo '```'; tail -n 30 "$f"; echo '```'
+    fi
   done
 } >> "$REPORT"
 rm -f "$OUT/steps.md" "$OUT/decode-cuda.md" "$OUT/prefill-cuda.md" "$OUT/decode.log" "$OUT/prefill.log"
