@@ -293,6 +293,37 @@ def test_skipped_invalid_entries_match_their_removal(sim):
     torch.testing.assert_close(got[1], want[1])
 
 
+def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
+    """Few keys per unit (fixed tokens + 8 per slot < 128): one split, no merge, so the
+    forward kernel writes out and lse itself, and the backward stores dq, for units of
+    NH = 4 query heads at Lq = 3 (a unit's heads are rows Lq apart)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    gen = generator(16)
+    B, Hq, Hkv, Lq, N, D, K = 2, 8, 2, 3, 100, 64, 4
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=8)
+    assert layout.fixed_tokens.shape[-1] + 8 * K < 128  # plan_splits: one split's worth of work
+    q, k, v = (torch.randn(s, generator=gen) for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    idx = random_selection(gen, (B, Hkv, Lq, K), layout.num_regions)
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx,
+            q_positions(gen, B, Lq, N), 0.3)
+    got = sim.gaze_attention(q, k, v, *args)
+    assert launched(sim) == {"attention_forward_kernel"}
+    out, lse = ops.gaze_attention(q, k, v, *args)
+    torch.testing.assert_close(got[0], out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], lse, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=gen)
+    backward_args = (grad, None, q, k, v, out, lse, *args)
+    want = torch.ops.gaze.gaze_attention_backward(*backward_args)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = sim.gaze_attention_backward(*backward_args)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ---------------------------------------------------------- gaze_attention, tensor cores
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
