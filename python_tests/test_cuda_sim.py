@@ -430,6 +430,23 @@ def test_tensor_core_kernels_with_every_slot_taken(sim, monkeypatch):
                                      ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
 
 
+def test_tensor_core_backward_with_fixed_keys_seen_in_one_block_of_a_pair(sim, monkeypatch):
+    """Fixed tokens ordered so that in every 16 keys of a step the first 8 are past every
+    query's causal limit and the last 8 before it: dK/dV = P^T dO, dS^T Q of each warp's key
+    pair must not skip a row warp that sees only the pair's second key block."""
+    gen = generator(17)
+    B, Hq, Hkv, Lq, N, D = 1, 4, 1, 32, 300, 64
+    fixed = torch.cat([torch.cat([torch.arange(200 + 8 * i, 208 + 8 * i), torch.arange(8 * i, 8 * i + 8)])
+                       for i in range(4)]).int()
+    ptr = torch.arange(0, 101, 10, dtype=torch.int32)
+    tokens = torch.arange(40, 140, dtype=torch.int32)
+    layout = gaze_ext.layout.GazeLayout(ptr, tokens, tokens.view(10, 10)[:, -1].contiguous(), fixed, N)
+    idx = random_selection(gen, (B, Hkv, Lq, 4), layout.num_regions)
+    q_pos = torch.randint(32, 150, (B, Lq), generator=gen, dtype=torch.int32)  # sees keys 0-31, not 200+
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
+                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+
+
 def test_auto_choice_of_kernels(sim, monkeypatch):
     """By default a prefill tile of 64 rows runs on tensor cores, a decode step split-K."""
     monkeypatch.delenv("GAZE_ATTENTION_KERNEL", raising=False)
