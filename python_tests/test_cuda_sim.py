@@ -179,6 +179,31 @@ def test_region_pool_backward_is_deterministic_when_asked(sim, dtype, head_dim, 
                                atol=atol_for(dtype), rtol=1e-3)
 
 
+def test_region_pool_skips_tokens_out_of_range(sim):
+    """sanitize_case.py's corrupted tokens (N + 11 and -4, unchecked): the pool and both
+    backward kernels skip them, as if they pointed at a zero key row whose gradient is
+    dropped. (Written anyway, such a token's add lands in another head's rows.)"""
+    gen = generator(170)
+    N, B, H, D = 200, 2, 3, 64
+    layout = gaze_ext.build_batch_layout([([(0, 1, 9, 9)], 120), ([(10, 2, 5, 7)], N)],
+                                         region_shape=(1, 3, 3))
+    ptr, tokens, _ = corrupted(layout, N, 0)
+    clean = torch.where((tokens >= 0) & (tokens < N), tokens, N)  # row N: zeros
+    keys = torch.randn(B, H, N, D, generator=gen)
+    padded = torch.cat([keys, torch.zeros(B, H, 1, D)], 2)
+    got = sim.region_pool(keys, ptr, tokens)
+    torch.testing.assert_close(got, ops.region_pool(padded, ptr, clean), atol=1e-5, rtol=1e-5)
+    grad = torch.randn(got.shape, generator=gen)
+    want = torch.ops.gaze.region_pool_backward(grad, ptr, clean, N + 1)[:, :, :N]
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = sim.region_pool_backward(grad, ptr, tokens, N)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- region_topk
 
 @pytest.mark.parametrize("share_kv", [True, False])
