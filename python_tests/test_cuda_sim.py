@@ -472,6 +472,28 @@ def test_tensor_core_backward_with_fixed_keys_seen_in_one_block_of_a_pair(sim, m
                                      ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
 
 
+def test_tensor_core_forward_ignores_keys_a_row_does_not_see(sim, monkeypatch):
+    """Keys at positions 150 and later with scores some 100 times larger, which only the
+    tile's rows with a later causal limit see: for the other rows they must not enter the
+    running max (whose exp2 would underflow every key those rows see)."""
+    gen = generator(18)
+    B, Hq, Hkv, Lq, N, D = 1, 4, 1, 32, 300, 64
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
+    q_pos = torch.randint(0, N, (B, Lq), generator=gen, dtype=torch.int32)
+    q, k, v = (torch.randn(s, generator=gen) for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    k[:, :, 150:] *= 100
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
+    out, lse = sim.gaze_attention(q, k, v, *args)
+    assert launched(sim) == {"attention_forward_tiled_kernel"}
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    want_out, want_lse = sim.gaze_attention(q, k, v, *args)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
+
+
 def test_auto_choice_of_kernels(sim, monkeypatch):
     """By default a prefill tile of 64 rows runs on tensor cores, a decode step split-K."""
     monkeypatch.delenv("GAZE_ATTENTION_KERNEL", raising=False)
