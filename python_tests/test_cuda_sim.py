@@ -14,7 +14,7 @@ import cuda_sim
 import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
-from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, error_bound_check,
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, aligned_tensor, atol_for, error_bound_check,
                      generator, high_precision, q_positions, random_batch_layout,
                      random_selection, random_tensor, split_case, tiled_case,
                      topk_many_regions)
@@ -384,10 +384,11 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
         error_bound_check(f"d{name}", got, r.grad, s.grad, 3.0, atol_for(dtype))
 
 
-def assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, shapes):
+def assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, shapes, qkv=None):
     """The tensor-core forward and backward (with the key-major pass) against the split-K
-    kernels, bf16 q/k/v of `shapes`."""
-    qkv = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    kernels, bf16 q/k/v of `shapes` (or the given qkv)."""
+    if qkv is None:
+        qkv = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
     out, lse = sim.gaze_attention(*qkv, *args)
@@ -492,6 +493,36 @@ def test_tensor_core_forward_ignores_keys_a_row_does_not_see(sim, monkeypatch):
     want_out, want_lse = sim.gaze_attention(q, k, v, *args)
     torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_kernels_with_k_and_v_in_different_layouts(sim, monkeypatch):
+    """K contiguous, V (and q) padded [B, L, H, D + 8] views, rows still 16-byte aligned:
+    each operand read with its own strides, by the split-K kernels (against the CPU) and
+    the tensor-core kernels (against split-K). Every other case gives q, k, v one layout."""
+    gen = generator(19)
+    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 20, 300, 64
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N)
+    shapes = ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))
+    qkv = [aligned_tensor(gen, s, torch.bfloat16, strided, "cpu")
+           for s, strided in zip(shapes, (True, False, True))]
+    assert qkv[1].stride() != qkv[2].stride()
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    out, lse = sim.gaze_attention(*qkv, *args)
+    want_out, want_lse = ops.gaze_attention(*qkv, *args)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=atol_for(torch.bfloat16), rtol=1e-2)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=gen).bfloat16()
+    backward_args = (grad, None, *qkv, want_out, want_lse, *args)
+    want = torch.ops.gaze.gaze_attention_backward(*backward_args)
+    for name, g, w in zip(("dq", "dk", "dv"), sim.gaze_attention_backward(*backward_args), want):
+        scale = w.float().abs().max().item() + 1.0
+        torch.testing.assert_close(g.float(), w.float(), atol=atol_for(torch.bfloat16) * scale,
+                                   rtol=1e-2, msg=name)
+    assert {"attention_forward_kernel", "attention_backward_kernel"} <= launched(sim)
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, shapes, qkv=qkv)
 
 
 def test_auto_choice_of_kernels(sim, monkeypatch):
