@@ -11,7 +11,7 @@ import torch
 
 import gaze_ext
 from gaze_ext import ops, reference
-from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, cuda_ready,
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, aligned_tensor, atol_for, cuda_ready,
                      error_bound_check, generator, high_precision, q_positions,
                      random_batch_layout, random_selection, split_case, tiled_case,
                      topk_many_regions)
@@ -222,6 +222,39 @@ def test_split_kernels_match_cpu(monkeypatch, dtype, case, deterministic):
         scale = w.float().abs().max().item() + 1.0
         torch.testing.assert_close(g.cpu().float(), w.float(), atol=atol_for(dtype) * scale,
                                    rtol=1e-2 if dtype != torch.float32 else 1e-4, msg=name)
+
+
+def test_k_and_v_in_different_layouts(monkeypatch):
+    """K contiguous, q and V padded [B, L, H, D + 8] views (rows still 16-byte aligned):
+    each operand read with its own strides. Split-K against the CPU kernels, the
+    tensor-core kernels against split-K, forward and backward."""
+    gen = generator(19)
+    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 20, 300, 64
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N)
+    shapes = ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))
+    qkv = [aligned_tensor(gen, s, torch.bfloat16, strided, "cuda")
+           for s, strided in zip(shapes, (True, False, True))]
+    assert qkv[1].stride() != qkv[2].stride()
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
+    dev_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    grad = torch.randn(shapes[0], generator=gen).bfloat16()
+
+    def run(kernel, tensors, arguments):
+        monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+        out, lse = ops.gaze_attention(*tensors, *arguments)
+        grads = torch.ops.gaze.gaze_attention_backward(grad.to(out.device), None, *tensors, out,
+                                                       lse, *arguments)
+        return [t.float().cpu() for t in (out, lse, *grads)]
+
+    want = run("split", [t.cpu() for t in qkv], args)
+    split = run("split", qkv, dev_args)
+    tensor_core = run("tensor_core", qkv, dev_args)
+    for name, w, s, t in zip(("out", "lse", "dq", "dk", "dv"), want, split, tensor_core):
+        scale = w.abs().max().item() + 1.0
+        torch.testing.assert_close(s, w, atol=atol_for(torch.bfloat16) * scale, rtol=1e-2, msg=name)
+        torch.testing.assert_close(t, s, atol=3e-2 * scale, rtol=3e-2, msg=name)
 
 
 def cuda_kernel_names(fn):

@@ -14,10 +14,10 @@ import cuda_sim
 import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
-from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, aligned_tensor, atol_for, error_bound_check,
-                     generator, high_precision, q_positions, random_batch_layout,
-                     random_selection, random_tensor, split_case, tiled_case,
-                     topk_many_regions)
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, aligned_tensor, atol_for,
+                     error_bound_check, generator, high_precision, q_positions,
+                     random_batch_layout, random_selection, random_tensor, split_case,
+                     tiled_case, topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_sim.available(), reason="needs the CUDA headers")
 
