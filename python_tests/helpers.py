@@ -156,15 +156,38 @@ def aligned_tensor(gen: torch.Generator, shape, dtype: torch.dtype, strided: boo
 def tiled_case(case: int, dtype: torch.dtype, device: str):
     """TILED_CASES[case]: (generator, layout, idx, q_pos or None, [q, k, v]), the index
     tensors on the CPU, q/k/v on `device`."""
-    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = TILED_CASES[case]
+    row = TILED_CASES[case]
     gen = generator(2000 + case)
-    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=16)
+    layout = random_batch_layout(gen, row[0], row[4], max_regions=40, max_region_size=16)
+    idx, q_pos, qkv = case_inputs(gen, row, layout,
+                                  lambda s: aligned_tensor(gen, s, dtype, row[-1], device))
+    return gen, layout, idx, q_pos, qkv
+
+
+def case_inputs(gen: torch.Generator, row, layout: GazeLayout, make_tensor):
+    """A TILED_CASES or SPLIT_CASES row's idx, q_pos (or None) and [q, k, v], each made
+    by make_tensor(shape)."""
+    B, Hq, Hkv, Lq, N, D, sel, causal, K, _ = row
     Hs = Hkv if sel == "kv" else Hq
     idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N) if causal else None
-    qkv = [aligned_tensor(gen, s, dtype, strided, device)
-           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
-    return gen, layout, idx, q_pos, qkv
+    qkv = [make_tensor(s) for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    return idx, q_pos, qkv
+
+
+def mixed_layouts_case(device: str):
+    """K contiguous, q and V padded [B, L, H, D + 8] views (rows 16-byte aligned), bf16:
+    (generator, layout, idx, q_pos, shapes, [q, k, v] on `device`)."""
+    gen = generator(19)
+    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 20, 300, 64
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N)
+    shapes = ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))
+    qkv = [aligned_tensor(gen, s, torch.bfloat16, strided, device)
+           for s, strided in zip(shapes, (True, False, True))]
+    assert qkv[1].stride() != qkv[2].stride()
+    return gen, layout, idx, q_pos, shapes, qkv
 
 
 SPLIT_CASES = [
@@ -184,16 +207,14 @@ def split_case(case: int, dtype: torch.dtype, device: str = "cpu"):
     """SPLIT_CASES[case] (shapes for the split-K kernels): (generator, [q, k, v] on
     `device`, (region_ptr, region_tokens, fixed_tokens, idx, q_pos or None, scale) on
     the CPU)."""
-    B, Hq, Hkv, Lq, N, D, sel, causal, K, strided = SPLIT_CASES[case]
+    row = SPLIT_CASES[case]
+    B, N = row[0], row[4]
     gen = generator(300 + case)
     if N > 1000:
         layout = gaze_ext.build_layout([(0, 40, 12, 12)], N, region_shape=(1, 2, 3))
     else:
         layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=12)
-    Hs = Hkv if sel == "kv" else Hq
-    idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N) if causal else None
-    qkv = [random_tensor(gen, s, dtype, device, strided)
-           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    idx, q_pos, qkv = case_inputs(gen, row, layout,
+                                  lambda s: random_tensor(gen, s, dtype, device, row[-1]))
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.3)
     return gen, qkv, args

@@ -11,10 +11,10 @@ import torch
 
 import gaze_ext
 from gaze_ext import ops, reference
-from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, aligned_tensor, atol_for, cuda_ready,
-                     error_bound_check, generator, high_precision, q_positions,
-                     random_batch_layout, random_selection, split_case, tiled_case,
-                     topk_many_regions)
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, cuda_ready,
+                     error_bound_check, generator, high_precision, mixed_layouts_case,
+                     q_positions, random_batch_layout, random_selection, split_case,
+                     tiled_case, topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
 
@@ -228,15 +228,7 @@ def test_k_and_v_in_different_layouts(monkeypatch):
     """K contiguous, q and V padded [B, L, H, D + 8] views (rows still 16-byte aligned):
     each operand read with its own strides. Split-K against the CPU kernels, the
     tensor-core kernels against split-K, forward and backward."""
-    gen = generator(19)
-    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 20, 300, 64
-    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
-    idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N)
-    shapes = ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))
-    qkv = [aligned_tensor(gen, s, torch.bfloat16, strided, "cuda")
-           for s, strided in zip(shapes, (True, False, True))]
-    assert qkv[1].stride() != qkv[2].stride()
+    gen, layout, idx, q_pos, shapes, qkv = mixed_layouts_case("cuda")
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     dev_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
     grad = torch.randn(shapes[0], generator=gen).bfloat16()

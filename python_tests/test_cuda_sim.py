@@ -14,8 +14,8 @@ import cuda_sim
 import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
-from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, aligned_tensor, atol_for,
-                     error_bound_check, generator, high_precision, q_positions,
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, error_bound_check,
+                     generator, high_precision, mixed_layouts_case, q_positions,
                      random_batch_layout, random_selection, random_tensor, split_case,
                      tiled_case, topk_many_regions)
 
@@ -499,15 +499,7 @@ def test_kernels_with_k_and_v_in_different_layouts(sim, monkeypatch):
     """K contiguous, V (and q) padded [B, L, H, D + 8] views, rows still 16-byte aligned:
     each operand read with its own strides, by the split-K kernels (against the CPU) and
     the tensor-core kernels (against split-K). Every other case gives q, k, v one layout."""
-    gen = generator(19)
-    B, Hq, Hkv, Lq, N, D = 2, 8, 2, 20, 300, 64
-    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
-    idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
-    q_pos = q_positions(gen, B, Lq, N)
-    shapes = ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))
-    qkv = [aligned_tensor(gen, s, torch.bfloat16, strided, "cpu")
-           for s, strided in zip(shapes, (True, False, True))]
-    assert qkv[1].stride() != qkv[2].stride()
+    gen, layout, idx, q_pos, shapes, qkv = mixed_layouts_case("cpu")
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
     out, lse = sim.gaze_attention(*qkv, *args)
