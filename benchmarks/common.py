@@ -196,16 +196,19 @@ def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
-def benchmark_main(name: str, description: str, run_device: Callable[[str], Dict[str, object]],
+def benchmark_main(name: str, description: str,
+                   run_device: Callable[[str, bool], Dict[str, object]],
                    report: Callable[[Dict[str, object]], str], default_out: str,
                    argv: Optional[List[str]] = None) -> int:
     """The command line shared by the benchmarks: runs on the CPU and on CUDA when present
-    (--device), writes <name>-<device>.md/.json to --out, and with --check exits 1 when
-    a result's "verdicts" hold a MISS."""
+    (--device), with the FlexAttention peer unless --no-flex (it compiles for up to a
+    minute), writes <name>-<device>.md/.json to --out, and with --check exits 1 when a
+    result's "verdicts" hold a MISS."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--out", default=default_out, help="folder for the result files")
+    parser.add_argument("--no-flex", action="store_true", help="leave out the FlexAttention peer")
     args = parser.parse_args(argv)
     import gaze_ext
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -217,7 +220,7 @@ def benchmark_main(name: str, description: str, run_device: Callable[[str], Dict
     os.makedirs(args.out, exist_ok=True)
     missed = False
     for device in devices:
-        result = run_device(device)
+        result = run_device(device, not args.no_flex)
         text = report(result)
         print(text)
         with open(os.path.join(args.out, f"{name}-{device}.md"), "w") as f:

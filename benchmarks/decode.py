@@ -5,8 +5,9 @@ against dense attention over the whole KV cache, at the same shapes, in one run.
     python -m benchmarks.decode --check    # exit 1 if a target ratio is missed
 
 Peers: F.scaled_dot_product_attention with enable_gqa=True; the decode trick of viewing
-each KV head's query heads as rows (one SDPA over [B, Hkv, G, D]); and the same sparse
-attention written in plain PyTorch (gather the selected rows, then SDPA).
+each KV head's query heads as rows (one SDPA over [B, Hkv, G, D]); the same sparse
+attention written in plain PyTorch (gather the selected rows, then SDPA); and FlexAttention
+with a block mask of the same selection (benchmarks/flex.py; --no-flex leaves it out).
 Results go to benchmarks/results/decode-<device>.md and .json.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 import gaze_ext
 from gaze_ext import ops
 
+from . import flex
 from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
                      memory_bandwidth, time_variants)
 
@@ -106,7 +108,32 @@ def row_counts(layout, idx, share: bool, G: int) -> Dict[str, float]:
     return {"read": read, "distinct": distinct}
 
 
-def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
+def flex_variants(q, k, v, layout, selections, gaze_outputs):
+    """FlexAttention on each mode's selection: (variants, per-mode facts), or the reason it
+    cannot run here in place of the facts. flex_<mode> attends with the block mask built
+    beforehand; flex_mask_<mode> builds that mask, which a decode step would redo, as its
+    selection changes."""
+    _, Hq, Lq, _ = q.shape
+    N = k.shape[2]
+    try:
+        attend = flex.compiled_flex_attention()
+        variants, facts = {}, {}
+        for mode, idx in selections.items():
+            def build(idx=idx):
+                return flex.selection_block_mask(layout, idx, None, Hq, Lq, N)
+            mask = build()
+            out = attend(q, k, v, mask)
+            variants[f"flex_{mode}"] = lambda mask=mask: attend(q, k, v, mask)
+            variants[f"flex_mask_{mode}"] = build
+            facts[mode] = dict(
+                computed_share=flex.computed_share(mask),
+                max_abs_diff=(out.float() - gaze_outputs[mode].float()).abs().max().item())
+        return variants, facts
+    except Exception as error:  # a peer that cannot run here is reported, not fatal
+        return {}, flex.describe_error(error)
+
+
+def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[str, object]:
     torch.manual_seed(0)
     dtype = shape.torch_dtype
     B, Hq, Hkv, D = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
@@ -131,10 +158,12 @@ def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
         "sdpa_gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "sdpa_grouped_rows": lambda: F.scaled_dot_product_attention(q_grouped, k, v),
     }
-    selections = {}
+    selections, gaze_outputs = {}, {}
     for mode, share in (("shared", True), ("per_head", False)):
         idx, _ = ops.region_topk(q, desc, layout.region_ptr, K, share)
         selections[mode] = idx
+        gaze_outputs[mode], _ = ops.gaze_attention(q, k, v, layout.region_ptr,
+                                                   layout.region_tokens, layout.fixed_tokens, idx)
 
         def gaze_step(share=share):
             sel, _ = ops.region_topk(q, desc, layout.region_ptr, K, share)
@@ -148,6 +177,10 @@ def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
             q, k, v, layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx)
         variants[f"torch_gather_{mode}"] = lambda idx=idx: torch_gather_attention(
             q, k, v, layout.fixed_tokens, regions, idx)
+    flex_facts = "left out (--no-flex)"
+    if with_flex:
+        peers, flex_facts = flex_variants(q, k, v, layout, selections, gaze_outputs)
+        variants.update(peers)
     times = time_variants(variants, device)
     dense = min(times["sdpa_gqa"], times["sdpa_grouped_rows"])
 
@@ -166,11 +199,17 @@ def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
         topk_bytes = B * Hkv * R * D * elt + B * Hq * D * elt
         for name, nbytes in ((f"gaze_{mode}", attn_bytes + topk_bytes),
                              (f"topk_{mode}", topk_bytes), (f"attention_{mode}", attn_bytes),
-                             (f"torch_gather_{mode}", attn_bytes)):
-            rows.append(dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name],
-                             MB=nbytes / 1e6, GBps=nbytes / times[name] / 1e9,
-                             floor_ratio=times[name] / (nbytes / floor_bw)))
-        rows[-3]["read_MB"] = attn_read / 1e6
+                             (f"torch_gather_{mode}", attn_bytes), (f"flex_{mode}", attn_bytes),
+                             (f"flex_mask_{mode}", None)):
+            if name not in times:
+                continue
+            row = dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name])
+            if nbytes is not None:
+                row.update(MB=nbytes / 1e6, GBps=nbytes / times[name] / 1e9,
+                           floor_ratio=times[name] / (nbytes / floor_bw))
+            if name == f"attention_{mode}":
+                row["read_MB"] = attn_read / 1e6
+            rows.append(row)
         ratios[mode] = dense / times[f"gaze_{mode}"]
     targets = TARGETS[device]
     verdicts = {m: ("PASS" if ratios[m] >= targets[m] else "MISS") for m in ratios}
@@ -183,11 +222,12 @@ def run_shape(shape: DecodeShape, device: str) -> Dict[str, object]:
                 bandwidth_GBps={k: v / 1e9 for k, v in bw.items()}, floor_bandwidth=
                 "copy" if device == "cuda" else "read", rows=rows, ratios=ratios,
                 targets=targets, verdicts=verdicts, bandwidth_share=bandwidth_share,
-                bandwidth_target=BANDWIDTH_TARGET[device],
+                bandwidth_target=BANDWIDTH_TARGET[device], flex=flex_facts,
                 other_dtypes=[other_dtype_row(shape, device, dtype, q, k, v, layout, K)
                               for dtype in OTHER_DTYPES[device]],
                 kernels={name: kernel_times(variants[name], device)
-                         for name in ("gaze_shared", "sdpa_grouped_rows", "sdpa_gqa")},
+                         for name in ("gaze_shared", "sdpa_grouped_rows", "sdpa_gqa", "flex_shared")
+                         if name in variants},
                 env=environment(device))
 
 
@@ -244,6 +284,12 @@ def report(result: Dict[str, object]) -> str:
                  f"{result['floor_bandwidth']} bandwidth measured above"
                  + (f" (target {target:.0%}): **{result['verdicts']['attention_bandwidth']}**"
                     if target is not None else " (no target on this device)"))
+    flex_facts = result.get("flex")
+    if isinstance(flex_facts, dict):
+        flex_facts = {f"{mode} selection (`flex_{mode}`; `flex_mask_{mode}` builds its block "
+                      "mask, which a step would redo as the selection changes)": fact
+                      for mode, fact in flex_facts.items()}
+    lines += [""] + flex.report_lines(flex_facts)
     lines += kernel_sections(result.get("kernels", {}))
     if result["other_dtypes"]:
         lines += ["", "Other element types, same inputs converted: region_topk + gaze_attention "
@@ -256,7 +302,8 @@ def report(result: Dict[str, object]) -> str:
 def main(argv: List[str] = None) -> int:
     return benchmark_main(
         "decode", __doc__.split("\n")[0],
-        lambda device: run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device),
+        lambda device, with_flex: run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device,
+                                            with_flex),
         report, RESULTS_DIR, argv)
 
 

@@ -5,7 +5,9 @@ its own top-k regions, against dense attention over the whole cache.
 
 The text queries sit after the visual tokens and attend causally (to the cache and
 to the text before them). Dense peer: F.scaled_dot_product_attention with a
-lower-right causal mask over the whole sequence, K/V expanded to the query heads.
+lower-right causal mask over the whole sequence, K/V expanded to the query heads. Sparse
+peer: FlexAttention with a block mask of the same selection (benchmarks/flex.py; forward
+only on the CPU, where it has no backward; --no-flex leaves it out).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 import gaze_ext
 from gaze_ext import ops
 
+from . import flex
 from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
                      time_variants)
 
@@ -118,7 +121,31 @@ def tile_work(idx: torch.Tensor, layout, q_pos: torch.Tensor, rows_per_position:
     return sum(fractions) / max(len(fractions), 1), pairs, computed
 
 
-def run_shape(shape: PrefillShape, device: str):
+def flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward):
+    """FlexAttention on the shared selection of the i.i.d. queries: (variants, facts), or the
+    reason it cannot run here in place of the facts. The block mask is built beforehand."""
+    _, Hq, Lq, _ = q.shape
+    N = k.shape[2]
+    try:
+        attend = flex.compiled_flex_attention()
+        mask = flex.selection_block_mask(layout, idx, q_pos, Hq, Lq, N)
+        # detached: on the CPU FlexAttention refuses inputs that require grad, even in no_grad
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        out = attend(qd, kd, vd, mask)
+        facts = dict(computed_share=flex.computed_share(mask),
+                     max_abs_diff=(out.float() - gaze_forward.float()).abs().max().item())
+        variants = {"flex_shared_fwd": lambda: attend(qd, kd, vd, mask)}
+        if q.device.type == "cuda":  # FlexAttention has no backward on the CPU
+            def forward_backward():
+                attend(q, k, v, mask).backward(grad)
+            forward_backward()  # compiles the backward here, where a failure is reported
+            variants["flex_shared_fwd_bwd"] = forward_backward
+        return variants, facts
+    except Exception as error:  # a peer that cannot run here is reported, not fatal
+        return {}, flex.describe_error(error)
+
+
+def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
     torch.manual_seed(0)
     dtype = getattr(torch, shape.dtype)
     B, Hq, Hkv, D, Lq = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim, shape.text
@@ -178,6 +205,14 @@ def run_shape(shape: PrefillShape, device: str):
             "split", lambda: gaze(corr, True))
         variants["gaze_shared_fwd_correlated_split_k"] = with_kernel(
             "split", lambda: forward_only(corr, True))
+    flex_facts = "left out (--no-flex)"
+    if with_flex:
+        idx = select(q, True)
+        with torch.no_grad():
+            gaze_forward, _ = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                                 layout.fixed_tokens, idx, q_pos)
+        peers, flex_facts = flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward)
+        variants.update(peers)
     times = time_variants(variants, device, rounds=5, min_time_s=0.2)
     rows = [dict(variant=n, ms=t * 1e3, speedup=times["sdpa_fwd_bwd"] / t if "bwd" in n
                  else times["sdpa_fwd"] / t) for n, t in times.items()]
@@ -202,7 +237,7 @@ def run_shape(shape: PrefillShape, device: str):
                for name in ("gaze_shared_fwd_bwd_correlated", "sdpa_fwd_bwd")}
     return dict(device=device, shape=asdict(shape), keys=N, regions=layout.num_regions, topk=K,
                 rows=rows, ratio=ratios["iid"], ratios=ratios, union_fraction=unions,
-                computed_share=computed_share, kernels=kernels,
+                computed_share=computed_share, kernels=kernels, flex=flex_facts,
                 correlation=CORRELATION, target=target, verdicts=verdicts, env=environment(device))
 
 
@@ -235,6 +270,12 @@ def report(result) -> str:
                      f"queries select {100 * result['union_fraction'][name]:.0f}% of the regions "
                      f"together, and a tile's warps compute "
                      f"{100 * result['computed_share'][name]:.0f}% of its (row, key) products")
+    flex_facts = result.get("flex")
+    if isinstance(flex_facts, dict):
+        flex_facts = {"shared selection, i.i.d. queries (`flex_shared_fwd`, and "
+                      "`flex_shared_fwd_bwd` where it has a backward; block mask built beforehand)":
+                      flex_facts}
+    lines += [""] + flex.report_lines(flex_facts)
     lines += kernel_sections(result.get("kernels", {}))
     return "\n".join(lines + [""])
 
@@ -242,7 +283,8 @@ def report(result) -> str:
 def main(argv: List[str] = None) -> int:
     return benchmark_main(
         "prefill", __doc__.split("\n")[0],
-        lambda device: run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device),
+        lambda device, with_flex: run_shape(CPU_SHAPE if device == "cpu" else GPU_SHAPE, device,
+                                            with_flex),
         report, RESULTS_DIR, argv)
 
 

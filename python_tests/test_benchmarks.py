@@ -4,10 +4,14 @@ run and report every figure and verdict)."""
 import json
 
 import pytest
+import torch
 
 import benchmarks.common
-from benchmarks import decode, prefill
+import gaze_ext
+from benchmarks import decode, flex, prefill
 from benchmarks.common import kernel_sections, kernel_times, short_kernel_name
+from gaze_ext import reference
+from helpers import generator, q_positions, random_layout, random_selection
 
 
 @pytest.fixture
@@ -34,6 +38,11 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     assert "shared selection: region_topk + gaze_attention is" in text
     assert "of the read bandwidth measured above (no target on this device)" in text
     assert [row["dtype"] for row in result["other_dtypes"]] == ["bfloat16", "float16"]
+    for mode in ("shared", "per_head"):  # FlexAttention computed the same attention
+        assert {f"flex_{mode}", f"flex_mask_{mode}"} <= {row["variant"] for row in result["rows"]}
+        assert result["flex"][mode]["max_abs_diff"] < 1e-5
+        assert 0 < result["flex"][mode]["computed_share"] <= 1
+    assert "- FlexAttention, shared selection (`flex_shared`;" in text
     result.update(bandwidth_target=0.7, floor_bandwidth="copy")  # as a CUDA run reports it
     result["verdicts"]["attention_bandwidth"] = "MISS"
     assert "of the copy bandwidth measured above (target 70%): **MISS**" in decode.report(result)
@@ -48,6 +57,41 @@ def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path)
     assert result["verdicts"] == {"iid": "n/a", "correlated": "n/a"}
     assert 0 < result["union_fraction"]["iid"] <= 1
     assert "forward+backward, shared selection, iid queries:" in text
+    assert "flex_shared_fwd" in {row["variant"] for row in result["rows"]}
+    assert result["flex"]["max_abs_diff"] < 1e-5  # forward only: no backward on the CPU
+    assert prefill.main(["--device", "cpu", "--out", str(tmp_path), "--no-flex"]) == 0
+    result = json.loads((tmp_path / "prefill-cpu.json").read_text())
+    assert not any(row["variant"].startswith("flex") for row in result["rows"])
+    assert "- FlexAttention peer: left out (--no-flex)" in (tmp_path / "prefill-cpu.md").read_text()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flex_mask_sees_what_gaze_attention_sees(seed):
+    """The peer's mask_mod against the reference's key multiplicities, on hand-made-style
+    layouts (random regions, fixed tokens, keys in no list), -1 slots and causal limits,
+    for a selection per KV head and one per query head."""
+    gen = generator(seed)
+    B, Hkv, G, Lq, K, N = 2, 2, 3, 5, 3, 40
+    layout = random_layout(gen, N)
+    R = layout.num_regions
+    for Hs in (Hkv, Hkv * G):
+        idx = random_selection(gen, (B, Hs, Lq, K), R, repeats=False)
+        q_pos = q_positions(gen, B, Lq, N) if Hs == Hkv else None
+        mask_mod = flex.selection_mask_mod(layout, idx, q_pos, Hkv * G, N)
+        b, h, i, n = (torch.arange(size).view([-1 if d == a else 1 for d in range(4)])
+                      for a, size in enumerate((B, Hkv * G, Lq, N)))
+        expected = reference.key_multiplicity(layout.region_ptr, layout.region_tokens,
+                                              layout.fixed_tokens, idx, N, Hkv * G, q_pos) > 0
+        assert torch.equal(mask_mod(b, h, i, n).expand(B, Hkv * G, Lq, N), expected)
+
+
+def test_flex_mask_refuses_keys_in_two_regions():
+    layout = gaze_ext.GazeLayout(torch.tensor([0, 2, 4], dtype=torch.int32),
+                                 torch.tensor([0, 1, 1, 2], dtype=torch.int32),
+                                 torch.tensor([1, 2], dtype=torch.int32),
+                                 torch.tensor([3], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="listed twice"):
+        flex.selection_mask_mod(layout, torch.zeros(1, 1, 1, 1, dtype=torch.int32), None, 1, 4)
 
 
 def test_kernel_names_lose_namespaces_and_parameters():

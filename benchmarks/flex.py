@@ -1,0 +1,87 @@
+"""FlexAttention as a peer: what a researcher would write instead of these kernels.
+
+torch's `flex_attention` (compiled) is told to see exactly the keys gaze_attention sees,
+through a mask_mod over (batch, head, query, key) built from the same selection. Its block
+mask skips a 128 x 128 (query, key) block only when no query of the block sees any of its
+keys. The regions of an image are spatial patches of a row-major token grid, so each one
+touches several key blocks, and a few selected regions touch most of them: FlexAttention
+computes nearly every block, while gaze_attention gathers exactly the selected rows. The
+benchmarks report the share of blocks it computes next to its time.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+
+
+def selection_mask_mod(layout, idx: torch.Tensor, q_pos: Optional[torch.Tensor], q_heads: int,
+                       num_keys: int) -> Callable:
+    """mask_mod(b, h, i, n): whether gaze_attention's query (b, h, i) sees key n under the
+    selection idx [B, Hs, Lq, K]: n is a fixed token or in a selected region, and n <= q_pos.
+    For layouts shared by the batch in which no key sits in two regions (build_layout's)."""
+    if layout.region_ptr.dim() != 1:
+        raise ValueError("selection_mask_mod takes a layout shared by the batch")
+    device = idx.device
+    ptr = layout.region_ptr.long().to(device)
+    R = ptr.numel() - 1
+    listed = layout.region_tokens.long().to(device)[: int(ptr[-1])]
+    region_of = torch.full((num_keys,), R, dtype=torch.long, device=device)  # R: no region
+    region_of[listed] = torch.repeat_interleave(torch.arange(R, device=device), ptr.diff())
+    if (torch.bincount(listed, minlength=num_keys) > 1).any():
+        raise ValueError("selection_mask_mod: a key listed twice has no single region")
+    fixed = layout.fixed_tokens.long().to(device)
+    is_fixed = torch.zeros(num_keys, dtype=torch.bool, device=device)
+    is_fixed[fixed[fixed >= 0]] = True
+    B, Hs, Lq, _ = idx.shape
+    chosen = torch.zeros(B, Hs, Lq, R + 1, dtype=torch.bool, device=device)  # [..., R]: none
+    slots = idx.long()
+    chosen.scatter_(3, torch.where(slots >= 0, slots, R), True)
+    chosen[..., R] = False
+    limit = (q_pos.long() if q_pos is not None
+             else torch.full((B, Lq), num_keys, dtype=torch.long, device=device))
+    group = q_heads // Hs
+
+    def mask_mod(b, h, i, n):
+        return (n <= limit[b, i]) & (is_fixed[n] | chosen[b, h // group, i, region_of[n]])
+    return mask_mod
+
+
+def selection_block_mask(layout, idx, q_pos, q_heads: int, q_len: int, num_keys: int):
+    """FlexAttention's BlockMask for selection_mask_mod (one per query head, as enable_gqa
+    needs), built by torch's create_block_mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    mask_mod = selection_mask_mod(layout, idx, q_pos, q_heads, num_keys)
+    return create_block_mask(mask_mod, idx.shape[0], q_heads, q_len, num_keys,
+                             device=idx.device.type)
+
+
+def computed_share(block_mask) -> float:
+    """The share of the (query block, key block) pairs FlexAttention computes."""
+    return 1.0 - block_mask.sparsity() / 100.0
+
+
+def compiled_flex_attention() -> Callable:
+    """(q, k, v, block_mask) -> out, through torch.compile (FlexAttention's fast path); K/V
+    heads shared by groups of query heads, as gaze_attention takes them."""
+    from torch.nn.attention.flex_attention import flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v, block_mask: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a report: why the peer could not run here."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def report_lines(facts: Union[None, str, Dict[str, Dict[str, float]]]) -> List[str]:
+    """Report lines on the peer: for each {label: facts}, the share of blocks it computes and
+    its agreement with gaze_attention; or the reason it did not run."""
+    if facts is None:
+        return []
+    if isinstance(facts, str):
+        return [f"- FlexAttention peer: {facts}", ""]
+    return [f"- FlexAttention, {label}: computes {fact['computed_share']:.0%} of its (query "
+            f"block, key block) pairs; max |out - gaze_attention's out| = "
+            f"{fact['max_abs_diff']:.2g}" for label, fact in facts.items()] + [""]
