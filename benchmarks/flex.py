@@ -81,7 +81,7 @@ def report_lines(facts: Union[None, str, Dict[str, Dict[str, float]]]) -> List[s
     if facts is None:
         return []
     if isinstance(facts, str):
-        return [f"- FlexAttention peer: {facts}", ""]
+        return [f"- FlexAttention peer: {facts}"]
     return [f"- FlexAttention, {label}: computes {fact['computed_share']:.0%} of its (query "
             f"block, key block) pairs; max |out - gaze_attention's out| = "
-            f"{fact['max_abs_diff']:.2g}" for label, fact in facts.items()] + [""]
+            f"{fact['max_abs_diff']:.2g}" for label, fact in facts.items()]
