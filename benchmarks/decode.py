@@ -126,7 +126,7 @@ def flex_variants(q, k, v, layout, selections, gaze_outputs):
             variants[f"flex_{mode}"] = lambda mask=mask: attend(q, k, v, mask)
             variants[f"flex_mask_{mode}"] = build
             facts[mode] = dict(
-                computed_share=flex.computed_share(mask),
+                computed_share=flex.computed_share(mask, N),
                 max_abs_diff=(out.float() - gaze_outputs[mode].float()).abs().max().item())
         return variants, facts
     except Exception as error:  # a peer that cannot run here is reported, not fatal

@@ -56,9 +56,15 @@ def selection_block_mask(layout, idx, q_pos, q_heads: int, q_len: int, num_keys:
                              device=idx.device.type)
 
 
-def computed_share(block_mask) -> float:
-    """The share of the (query block, key block) pairs FlexAttention computes."""
-    return 1.0 - block_mask.sparsity() / 100.0
+def computed_share(block_mask, num_keys: int) -> float:
+    """The share of the (query block, key block) pairs FlexAttention computes. Counted here:
+    torch 2.11's BlockMask.sparsity() divides blocks by elements, which is wrong when a
+    length is not a multiple of the block size."""
+    computed = block_mask.kv_num_blocks.sum()
+    if block_mask.full_kv_num_blocks is not None:
+        computed = computed + block_mask.full_kv_num_blocks.sum()
+    key_blocks = -(-num_keys // block_mask.BLOCK_SIZE[1])
+    return computed.item() / (block_mask.kv_num_blocks.numel() * key_blocks)
 
 
 def compiled_flex_attention() -> Callable:

@@ -132,7 +132,7 @@ def flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward):
         # detached: on the CPU FlexAttention refuses inputs that require grad, even in no_grad
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out = attend(qd, kd, vd, mask)
-        facts = dict(computed_share=flex.computed_share(mask),
+        facts = dict(computed_share=flex.computed_share(mask, N),
                      max_abs_diff=(out.float() - gaze_forward.float()).abs().max().item())
         variants = {"flex_shared_fwd": lambda: attend(qd, kd, vd, mask)}
         if q.device.type == "cuda":  # FlexAttention has no backward on the CPU

@@ -38,8 +38,9 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     assert "shared selection: region_topk + gaze_attention is" in text
     assert "of the read bandwidth measured above (no target on this device)" in text
     assert [row["dtype"] for row in result["other_dtypes"]] == ["bfloat16", "float16"]
+    variants = {row["variant"] for row in result["rows"]}
     for mode in ("shared", "per_head"):  # FlexAttention computed the same attention
-        assert {f"flex_{mode}", f"flex_mask_{mode}"} <= {row["variant"] for row in result["rows"]}
+        assert {f"flex_{mode}", f"flex_mask_{mode}"} <= variants
         assert result["flex"][mode]["max_abs_diff"] < 1e-5
         assert 0 < result["flex"][mode]["computed_share"] <= 1
     assert "- FlexAttention, shared selection (`flex_shared`;" in text
@@ -83,6 +84,25 @@ def test_flex_mask_sees_what_gaze_attention_sees(seed):
         expected = reference.key_multiplicity(layout.region_ptr, layout.region_tokens,
                                               layout.fixed_tokens, idx, N, Hkv * G, q_pos) > 0
         assert torch.equal(mask_mod(b, h, i, n).expand(B, Hkv * G, Lq, N), expected)
+
+
+@pytest.mark.parametrize("q_len,causal", [(1, False), (3, True), (130, True)])
+def test_flex_block_share_counts_the_blocks_with_a_visible_key(q_len, causal):
+    """computed_share against a count of the 128 x 128 blocks in which mask_mod sees a key,
+    with lengths that are not multiples of the block size (2 x 2 x 6 x 7 visual keys + text)."""
+    gen = generator(q_len)
+    B, Hkv, G, N = 1, 2, 2, 2 * 6 * 7 * 2 + 100
+    layout = gaze_ext.build_layout([(0, 2, 6, 7), (100 + 84, 2, 6, 7)], N, region_shape=(1, 2, 2))
+    idx = random_selection(gen, (B, Hkv, q_len, 3), layout.num_regions, repeats=False)
+    q_pos = q_positions(gen, B, q_len, N, low=N // 2) if causal else None
+    mask = flex.selection_block_mask(layout, idx, q_pos, Hkv * G, q_len, N)
+    mask_mod = flex.selection_mask_mod(layout, idx, q_pos, Hkv * G, N)
+    sees = mask_mod(*(torch.arange(size).view([-1 if d == a else 1 for d in range(4)])
+                      for a, size in enumerate((B, Hkv * G, q_len, N)))).expand(B, -1, q_len, N)
+    blocks = [[sees[..., i:i + 128, n:n + 128].flatten(-2).any(-1)
+               for n in range(0, N, 128)] for i in range(0, q_len, 128)]
+    expected = torch.stack([torch.stack(row, -1) for row in blocks], -2).double().mean().item()
+    assert abs(flex.computed_share(mask, N) - expected) < 1e-12
 
 
 def test_flex_mask_refuses_keys_in_two_regions():
