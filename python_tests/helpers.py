@@ -171,23 +171,27 @@ def case_inputs(gen: torch.Generator, row, layout: GazeLayout, make_tensor):
     Hs = Hkv if sel == "kv" else Hq
     idx = random_selection(gen, (B, Hs, Lq, K), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N) if causal else None
-    qkv = [make_tensor(s) for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    qkv = [make_tensor(s) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     return idx, q_pos, qkv
+
+
+def qkv_shapes(B: int, Hq: int, Hkv: int, Lq: int, N: int, D: int):
+    """The shapes of q [B, Hq, Lq, D], k and v [B, Hkv, N, D]."""
+    return (B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)
 
 
 def mixed_layouts_case(device: str):
     """K contiguous, q and V padded [B, L, H, D + 8] views (rows 16-byte aligned), bf16:
-    (generator, layout, idx, q_pos, shapes, [q, k, v] on `device`)."""
+    (generator, layout, idx, q_pos, [q, k, v] on `device`)."""
     gen = generator(19)
     B, Hq, Hkv, Lq, N, D = 2, 8, 2, 20, 300, 64
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
     idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N)
-    shapes = ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))
     qkv = [aligned_tensor(gen, s, torch.bfloat16, strided, device)
-           for s, strided in zip(shapes, (True, False, True))]
+           for s, strided in zip(qkv_shapes(B, Hq, Hkv, Lq, N, D), (True, False, True))]
     assert qkv[1].stride() != qkv[2].stride()
-    return gen, layout, idx, q_pos, shapes, qkv
+    return gen, layout, idx, q_pos, qkv
 
 
 SPLIT_CASES = [

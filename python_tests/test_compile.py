@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gaze_ext
-from helpers import DEVICES, generator, random_batch_layout
+from helpers import DEVICES, generator, qkv_shapes, random_batch_layout
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -19,8 +19,7 @@ def test_compiled_functional_matches_eager(device, share_kv):
         return gaze_ext.gaze_attention(q, k, v, layout, topk=3, share_kv=share_kv, q_pos=q_pos)
 
     compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
-    tensors = [torch.randn(s, generator=gen).to(device) for s in
-               ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+    tensors = [torch.randn(s, generator=gen).to(device) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     eager_in = [t.clone().requires_grad_() for t in tensors]
     comp_in = [t.clone().requires_grad_() for t in tensors]
     out_eager = attention(*eager_in, layout, q_pos)

@@ -13,7 +13,7 @@ import gaze_ext
 from gaze_ext import ops, reference
 from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, cuda_ready,
                      error_bound_check, generator, high_precision, mixed_layouts_case,
-                     q_positions, random_batch_layout, random_selection, split_case,
+                     q_positions, qkv_shapes, random_batch_layout, random_selection, split_case,
                      tiled_case, topk_many_regions)
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
@@ -228,10 +228,10 @@ def test_k_and_v_in_different_layouts(monkeypatch):
     """K contiguous, q and V padded [B, L, H, D + 8] views (rows still 16-byte aligned):
     each operand read with its own strides. Split-K against the CPU kernels, the
     tensor-core kernels against split-K, forward and backward."""
-    gen, layout, idx, q_pos, shapes, qkv = mixed_layouts_case("cuda")
+    gen, layout, idx, q_pos, qkv = mixed_layouts_case("cuda")
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     dev_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    grad = torch.randn(shapes[0], generator=gen).bfloat16()
+    grad = torch.randn(qkv[0].shape, generator=gen).bfloat16()
 
     def run(kernel, tensors, arguments):
         monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
@@ -312,7 +312,7 @@ def test_tensor_core_kernels_with_large_regions(monkeypatch):
     q_pos = q_positions(gen, B, Lq, N).cuda()
     dev = layout.to("cuda")
     qkv = [torch.randn(s, generator=gen).to("cuda", torch.bfloat16)
-           for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+           for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     grad = torch.randn(B, Hq, Lq, D, generator=gen).to("cuda", torch.bfloat16)
     results = {}
     for kernel in ("tensor_core", "split"):

@@ -15,7 +15,7 @@ import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
 from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, error_bound_check,
-                     generator, high_precision, mixed_layouts_case, q_positions,
+                     generator, high_precision, mixed_layouts_case, q_positions, qkv_shapes,
                      random_batch_layout, random_selection, random_tensor, split_case,
                      tiled_case, topk_many_regions)
 
@@ -307,7 +307,7 @@ def test_skipped_invalid_entries_match_their_removal(sim):
     B, Hq, Hkv, N, D = 2, 4, 2, 200, 64
     layout = gaze_ext.build_layout([(0, 1, 12, 12)], N)
     R = layout.num_regions
-    q, k, v = (torch.randn(s, generator=gen) for s in ((B, Hq, 1, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, 1, N, D))
     idx = torch.tensor([0, R + 3, 2, -7, 3], dtype=torch.int32).expand(B, Hkv, 1, 5).contiguous()
     fixed = torch.cat([layout.fixed_tokens, torch.tensor([N + 9, -5], dtype=torch.int32)])
     got = sim.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens, fixed, idx, None, 0.125)
@@ -327,7 +327,7 @@ def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
     B, Hq, Hkv, Lq, N, D, K = 2, 8, 2, 3, 100, 64, 4
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=8)
     assert layout.fixed_tokens.shape[-1] + 8 * K < 128  # plan_splits: one split's worth of work
-    q, k, v = (torch.randn(s, generator=gen) for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D))
     idx = random_selection(gen, (B, Hkv, Lq, K), layout.num_regions)
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx,
             q_positions(gen, B, Lq, N), 0.3)
@@ -384,11 +384,14 @@ def test_tensor_core_kernels_match_reference(sim, monkeypatch, dtype, case):
         error_bound_check(f"d{name}", got, r.grad, s.grad, 3.0, atol_for(dtype))
 
 
-def assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, shapes, qkv=None):
+def bf16_qkv(gen, B, Hq, Hkv, Lq, N, D):
+    """Normal q [B, Hq, Lq, D], k and v [B, Hkv, N, D] in bfloat16, drawn in that order."""
+    return [torch.randn(s, generator=gen).bfloat16() for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
+
+
+def assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, qkv):
     """The tensor-core forward and backward (with the key-major pass) against the split-K
-    kernels, bf16 q/k/v of `shapes` (or the given qkv)."""
-    if qkv is None:
-        qkv = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    kernels, on bf16 qkv = [q, k, v]."""
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "tensor_core")
     out, lse = sim.gaze_attention(*qkv, *args)
@@ -414,7 +417,7 @@ def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
     idx = random_selection(gen, (B, Hq, Lq, 120), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N, low=N // 2)
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
-                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+                                     bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
 def test_tensor_core_kernels_with_large_regions(sim, monkeypatch):
@@ -427,7 +430,7 @@ def test_tensor_core_kernels_with_large_regions(sim, monkeypatch):
     idx = random_selection(gen, (B, Hkv, Lq, 3), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N)
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
-                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+                                     bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
 def test_tensor_core_kernels_with_per_head_selection_over_kv_heads(sim, monkeypatch):
@@ -438,7 +441,7 @@ def test_tensor_core_kernels_with_per_head_selection_over_kv_heads(sim, monkeypa
     idx = random_selection(gen, (B, Hq, Lq, 6), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N)
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
-                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+                                     bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
 def test_tensor_core_kernels_with_every_slot_taken(sim, monkeypatch):
@@ -453,7 +456,7 @@ def test_tensor_core_kernels_with_every_slot_taken(sim, monkeypatch):
     idx = torch.stack([torch.randperm(R, generator=gen)[:K] for _ in range(B * Hkv * Lq)])
     idx = idx.view(B, Hkv, Lq, K).int()
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, None,
-                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+                                     bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
 def test_tensor_core_backward_with_fixed_keys_seen_in_one_block_of_a_pair(sim, monkeypatch):
@@ -470,7 +473,7 @@ def test_tensor_core_backward_with_fixed_keys_seen_in_one_block_of_a_pair(sim, m
     idx = random_selection(gen, (B, Hkv, Lq, 4), layout.num_regions)
     q_pos = torch.randint(32, 150, (B, Lq), generator=gen, dtype=torch.int32)  # sees keys 0-31, not 200+
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
-                                     ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+                                     bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
 def test_tensor_core_forward_ignores_keys_a_row_does_not_see(sim, monkeypatch):
@@ -482,7 +485,7 @@ def test_tensor_core_forward_ignores_keys_a_row_does_not_see(sim, monkeypatch):
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
     idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
     q_pos = torch.randint(0, N, (B, Lq), generator=gen, dtype=torch.int32)
-    q, k, v = (torch.randn(s, generator=gen) for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D))
     k[:, :, 150:] *= 100
     q, k, v = (t.bfloat16() for t in (q, k, v))
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
@@ -499,7 +502,7 @@ def test_kernels_with_k_and_v_in_different_layouts(sim, monkeypatch):
     """K contiguous, V (and q) padded [B, L, H, D + 8] views, rows still 16-byte aligned:
     each operand read with its own strides, by the split-K kernels (against the CPU) and
     the tensor-core kernels (against split-K). Every other case gives q, k, v one layout."""
-    gen, layout, idx, q_pos, shapes, qkv = mixed_layouts_case("cpu")
+    gen, layout, idx, q_pos, qkv = mixed_layouts_case("cpu")
     args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.125)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
     out, lse = sim.gaze_attention(*qkv, *args)
@@ -514,7 +517,7 @@ def test_kernels_with_k_and_v_in_different_layouts(sim, monkeypatch):
         torch.testing.assert_close(g.float(), w.float(), atol=atol_for(torch.bfloat16) * scale,
                                    rtol=1e-2, msg=name)
     assert {"attention_forward_kernel", "attention_backward_kernel"} <= launched(sim)
-    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, shapes, qkv=qkv)
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, qkv)
 
 
 def test_auto_choice_of_kernels(sim, monkeypatch):

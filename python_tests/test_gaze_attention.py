@@ -6,7 +6,8 @@ import gaze_ext
 from gaze_ext import build_layout, ops, reference
 from gaze_ext.layout import GazeLayout
 from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
-                     q_positions, random_batch_layout, random_selection, random_tensor)
+                     q_positions, qkv_shapes, random_batch_layout, random_selection,
+                     random_tensor)
 
 
 def layout_args(layout: GazeLayout, device):
@@ -170,7 +171,7 @@ def test_cpu_backward_query_chunks_match_one_thread():
     idx = random_selection(gen, (B, Hkv, Lq, 4), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N)
     inputs = [torch.randn(s, generator=gen, dtype=torch.float64)
-              for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+              for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
 
     def grads(threads):
@@ -201,7 +202,7 @@ def test_functional_gaze_attention_composes_the_reference_ops(share_kv, causal, 
     layout = (random_batch_layout(gen, B, N, max_regions=8) if regions
               else build_layout([], N))
     q, k, v = [torch.randn(s, generator=gen, dtype=torch.float64)
-               for s in ((B, Hq, Lq, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+               for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     q_pos = q_positions(gen, B, Lq, N) if causal else None
     pooled_from = torch.randn(k.shape, generator=gen, dtype=torch.float64) if cached else k
     desc = reference.region_pool(pooled_from, layout.region_ptr, layout.region_tokens)
