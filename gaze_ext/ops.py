@@ -9,6 +9,7 @@ with a leading batch axis ``B``.
 
 dtypes: float32, float16, bfloat16 on every device; float64 on CPU (for gradcheck).
 Accumulation, softmax and log-sum-exp run in float32 (float64 for float64 inputs).
+Inside ``torch.autocast`` floating operands are cast to the autocast dtype first.
 """
 from __future__ import annotations
 
@@ -187,3 +188,26 @@ def _gaze_attention_backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "gaze::gaze_attention", _gaze_attention_backward, setup_context=_gaze_attention_setup
 )
+
+
+# ----------------------------------------------------------------------------
+# Autocast: inside torch.autocast the ops run in the region's lower-precision dtype, as
+# F.scaled_dot_product_attention does, so float32 and 16-bit operands are cast rather than
+# refused as mixed. (torch.library.register_autocast casts to a dtype fixed when it is
+# registered; these kernels read the region's dtype at each call.)
+# ----------------------------------------------------------------------------
+def _autocast_kernel(op, device_type: str):
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point()
+                and a.dtype != torch.float64 else a for a in args]  # float64 stays, as in torch
+        with torch.autocast(device_type, enabled=False):
+            return op(*cast)
+    return kernel
+
+
+_autocast_lib = torch.library.Library("gaze", "IMPL")
+for _name in ("region_pool", "region_topk", "gaze_attention"):
+    for _device, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        _autocast_lib.impl(_name, _autocast_kernel(getattr(torch.ops.gaze, _name).default, _device),
+                           _key)
