@@ -36,7 +36,12 @@ class GazeKVCache:
     After :meth:`start` (from the prompt's layout) the prompt's forward pass fills k/v and
     each layer's descriptors; every decode step then writes one key/value row per sample at
     its current length and appends that position to the fixed tokens, in place, so a step
-    allocates nothing here and can be captured in a CUDA graph.
+    allocates nothing here and can be captured in a CUDA graph (after :meth:`start`, which
+    sets the layout tensors the steps read).
+
+    The fixed-token list is as wide as the prompt's fixed tokens plus the steps left, not
+    as the cache: its -1 padding is not free (the CUDA split-K kernel walks padding entries
+    as it walks keys), and a list as wide as a mostly visual cache would be mostly padding.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
@@ -47,7 +52,7 @@ class GazeKVCache:
         self.desc: List[Optional[Tensor]] = [None] * num_layers
         self.max_len = max_len
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
-        self.fixed_tokens = torch.full((batch, max_len), -1, dtype=torch.int32, device=device)
+        self.fixed_tokens = torch.full((batch, 0), -1, dtype=torch.int32, device=device)  # start()
         self.fixed_count = torch.zeros(batch, dtype=torch.long, device=device)
         self.region_ptr = self.region_tokens = self.region_pos = None
         self.decoding = False
@@ -63,13 +68,18 @@ class GazeKVCache:
         self.region_tokens = batched(gaze.region_tokens).contiguous()
         self.region_pos = batched(gaze.region_pos).contiguous()
         fixed = batched(gaze.fixed_tokens)
-        self.fixed_tokens.fill_(-1)
-        self.fixed_tokens[:, : fixed.shape[1]] = fixed
+        # the valid fixed tokens compacted to the front, so decode steps append after them
+        order = torch.sort((fixed < 0).to(torch.int8), dim=1, stable=True).indices
+        fixed = fixed.gather(1, order)
         self.fixed_count.copy_((fixed >= 0).sum(1))
-        # compact the valid fixed tokens to the front, so decode steps append after them
-        order = torch.sort((self.fixed_tokens < 0).to(torch.int8), dim=1, stable=True).indices
-        self.fixed_tokens.copy_(self.fixed_tokens.gather(1, order))
         self.length.copy_(layout.lengths)
+        # room for every step left: the longest sample fills the cache first
+        width = int(self.fixed_count.max()) + self.max_len - int(self.length.max())
+        if self.fixed_tokens.shape[1] != width:
+            self.fixed_tokens = self.fixed_tokens.new_empty((B, width))
+        self.fixed_tokens.fill_(-1)
+        kept = min(width, fixed.shape[1])  # past it, only padding
+        self.fixed_tokens[:, :kept] = fixed[:, :kept]
         self.decoding = False
 
     def begin_step(self) -> None:

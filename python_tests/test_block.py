@@ -245,6 +245,23 @@ def test_selection_is_recorded_only_when_asked():
     assert block.last_selection.shape == (3, block.num_kv_heads, text_rows, 1)
 
 
+def test_cache_fixed_list_has_room_for_every_step_and_no_more():
+    """Its -1 padding costs on CUDA like keys, so the list is as wide as the most fixed
+    tokens of a prompt plus the steps left before the longest sample fills the cache."""
+    layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2), ("text", 1)],
+                                      [("text", 1)]], num_context=1, region_shape=(1, 2, 2))
+    cache = GazeKVCache(1, 2, 1, 4, max_len=12)
+    cache.start(layout)  # lengths 8 and 1, fixed tokens 4 and 1: 4 + (12 - 8) entries
+    assert cache.fixed_tokens.shape == (2, 8)
+    for _ in range(4):
+        cache.begin_step()
+        cache.end_step()
+    assert cache.fixed_tokens[0].tolist() == [0, 1, 6, 7, 8, 9, 10, 11]
+    assert cache.fixed_tokens[1].tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    with pytest.raises(RuntimeError, match="full"):
+        cache.begin_step()
+
+
 def test_cache_holds_a_prompt_of_max_len_and_then_is_full():
     layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2)]], num_context=1,
                                      region_shape=(1, 2, 2))
