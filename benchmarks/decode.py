@@ -177,6 +177,13 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
             q, k, v, layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx)
         variants[f"torch_gather_{mode}"] = lambda idx=idx: torch_gather_attention(
             q, k, v, layout.fixed_tokens, regions, idx)
+    # The shared step's fixed tokens padded with -1 to the cache's length, as a cache that
+    # sized its fixed list by its capacity would pass them: the split-K kernel walks padding
+    # entries as it walks keys (GazeKVCache sizes the list by the steps left instead).
+    padded_fixed = torch.full((B, N), -1, dtype=torch.int32, device=device)
+    padded_fixed[:, : layout.fixed_tokens.numel()] = layout.fixed_tokens
+    variants["attention_shared_padded_fixed"] = lambda: ops.gaze_attention(
+        q, k, v, layout.region_ptr, layout.region_tokens, padded_fixed, selections["shared"])
     flex_facts = "left out (--no-flex)"
     if with_flex:
         peers, flex_facts = flex_variants(q, k, v, layout, selections, gaze_outputs)
@@ -200,7 +207,7 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
         for name, nbytes in ((f"gaze_{mode}", attn_bytes + topk_bytes),
                              (f"topk_{mode}", topk_bytes), (f"attention_{mode}", attn_bytes),
                              (f"torch_gather_{mode}", attn_bytes), (f"flex_{mode}", attn_bytes),
-                             (f"flex_mask_{mode}", None)):
+                             (f"flex_mask_{mode}", None), (f"attention_{mode}_padded_fixed", attn_bytes)):
             if name not in times:
                 continue
             row = dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name])
@@ -223,6 +230,9 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                 "copy" if device == "cuda" else "read", rows=rows, ratios=ratios,
                 targets=targets, verdicts=verdicts, bandwidth_share=bandwidth_share,
                 bandwidth_target=BANDWIDTH_TARGET[device], flex=flex_facts,
+                padded_fixed=dict(entries=N, valid=int((layout.fixed_tokens >= 0).sum()),
+                                  cost=times["attention_shared_padded_fixed"]
+                                  / times["attention_shared"]),
                 other_dtypes=[other_dtype_row(shape, device, dtype, q, k, v, layout, K)
                               for dtype in OTHER_DTYPES[device]],
                 kernels={name: kernel_times(variants[name], device)
@@ -284,6 +294,12 @@ def report(result: Dict[str, object]) -> str:
                  f"{result['floor_bandwidth']} bandwidth measured above"
                  + (f" (target {target:.0%}): **{result['verdicts']['attention_bandwidth']}**"
                     if target is not None else " (no target on this device)"))
+    padded = result.get("padded_fixed")
+    if padded:
+        lines.append(f"- `attention_shared_padded_fixed`: the same step with its fixed-token list "
+                     f"padded with -1 to the cache's length ({padded['entries']} entries, "
+                     f"{padded['valid']} valid) takes {padded['cost']:.2f}x the time: padding "
+                     "entries are walked like keys (GazeKVCache sizes the list by the steps left)")
     flex_facts = result.get("flex")
     if isinstance(flex_facts, dict):
         flex_facts = {f"{mode} selection (`flex_{mode}`; `flex_mask_{mode}` builds its block "

@@ -85,7 +85,8 @@ def gaze_attention(
     Args:
         q: ``[B, Hq, Lq, D]``; ``k``, ``v``: ``[B, Hkv, N, D]``, same dtype.
         region_ptr, region_tokens: the region layout (see :func:`region_pool`).
-        fixed_tokens: ``[F]`` or ``[B, F]`` int32 positions every query sees; ``-1`` is padding.
+        fixed_tokens: ``[F]`` or ``[B, F]`` int32 positions every query sees; ``-1`` is padding
+            (on CUDA the split-K kernels walk padding entries as they walk keys: keep it short).
         idx: ``[B, Hs, Lq, K]`` int32 selected regions, ``Hs`` = ``Hq`` or ``Hkv`` (query
             head ``h`` reads row ``h`` or ``h // G``); ``-1`` slots are skipped and a region
             equal to the last one taken counts once.

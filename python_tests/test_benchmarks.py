@@ -44,6 +44,9 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
         assert result["flex"][mode]["max_abs_diff"] < 1e-5
         assert 0 < result["flex"][mode]["computed_share"] <= 1
     assert "- FlexAttention, shared selection (`flex_shared`;" in text
+    assert "attention_shared_padded_fixed" in variants
+    assert result["padded_fixed"]["valid"] < result["padded_fixed"]["entries"] == result["keys"]
+    assert "padded with -1 to the cache's length" in text
     result.update(bandwidth_target=0.7, floor_bandwidth="copy")  # as a CUDA run reports it
     result["verdicts"]["attention_bandwidth"] = "MISS"
     assert "of the copy bandwidth measured above (target 70%): **MISS**" in decode.report(result)
