@@ -298,8 +298,9 @@ def report(result: Dict[str, object]) -> str:
     if padded:
         lines.append(f"- `attention_shared_padded_fixed`: the same step with its fixed-token list "
                      f"padded with -1 to the cache's length ({padded['entries']} entries, "
-                     f"{padded['valid']} valid) takes {padded['cost']:.2f}x the time: padding "
-                     "entries are walked like keys (GazeKVCache sizes the list by the steps left)")
+                     f"{padded['valid']} valid) takes {padded['cost']:.2f}x the time (the CUDA "
+                     "split-K kernel walks padding entries like keys; GazeKVCache sizes the "
+                     "list by the steps left)")
     flex_facts = result.get("flex")
     if isinstance(flex_facts, dict):
         flex_facts = {f"{mode} selection (`flex_{mode}`; `flex_mask_{mode}` builds its block "
