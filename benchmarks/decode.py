@@ -207,7 +207,8 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
         for name, nbytes in ((f"gaze_{mode}", attn_bytes + topk_bytes),
                              (f"topk_{mode}", topk_bytes), (f"attention_{mode}", attn_bytes),
                              (f"torch_gather_{mode}", attn_bytes), (f"flex_{mode}", attn_bytes),
-                             (f"flex_mask_{mode}", None), (f"attention_{mode}_padded_fixed", attn_bytes)):
+                             (f"flex_mask_{mode}", None),
+                             (f"attention_{mode}_padded_fixed", attn_bytes)):
             if name not in times:
                 continue
             row = dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name])

@@ -5,7 +5,8 @@ import torch
 
 import gaze_ext
 from gaze_ext import ops
-from helpers import DEVICES, generator, q_positions, qkv_shapes, random_batch_layout, random_selection
+from helpers import (DEVICES, generator, q_positions, qkv_shapes, random_batch_layout,
+                     random_selection)
 
 
 def mixed_case(device):
