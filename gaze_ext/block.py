@@ -179,8 +179,8 @@ class GazeAttentionBlock(nn.Module):
         positions = cache.length[:, None]
         q, k, v = self._project(x, positions)
         write_at = positions[:, None, :, None].expand(B, self.num_kv_heads, 1, self.head_dim)
-        cache.k[layer].scatter_(2, write_at, k)
-        cache.v[layer].scatter_(2, write_at, v)
+        cache.k[layer].scatter_(2, write_at, k.to(cache.k[layer].dtype))
+        cache.v[layer].scatter_(2, write_at, v.to(cache.v[layer].dtype))
         q_pos = positions.to(torch.int32)
         num_regions = cache.region_ptr.shape[-1] - 1
         idx, _ = ops.region_topk(q, cache.desc[layer], cache.region_ptr,

@@ -89,7 +89,11 @@ class GazeLM(nn.Module):
         [B, T, V] with return_logits)."""
         x, layout = self.embed_batch(samples)
         B = x.shape[0]
-        cache = self.new_cache(B, layout.seq_len + max_new_tokens, x.device, x.dtype)
+        # inside torch.autocast the projections give keys and values in its dtype
+        device_type = x.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else x.dtype)
+        cache = self.new_cache(B, layout.seq_len + max_new_tokens, x.device, dtype)
         cache.start(layout)
         logits = self.forward(x, layout, topk, cache)
         last = logits.gather(1, (layout.lengths - 1)[:, None, None].expand(B, 1, logits.shape[-1]))

@@ -131,6 +131,43 @@ def test_generation_with_cache_matches_recomputation(device, share_kv):
         torch.testing.assert_close(last, logits[:, t])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_under_autocast_keeps_its_cache_in_the_autocast_dtype(device, monkeypatch):
+    """Inside torch.autocast the projections give bfloat16 keys and values: generate keeps
+    the cache in bfloat16 (a float32 cache would be cast whole by every decode step), and
+    its logits match recomputing the sequence under autocast."""
+    model = tiny_model(device=device)
+    batch = samples(generator(3), device=device)
+    caches = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a: caches.append(new_cache(*a)) or caches[-1])
+    steps = 4
+    with torch.autocast(device, dtype=torch.bfloat16):
+        tokens, logits = model.generate(batch, steps, topk=1, return_logits=True)
+        assert caches[0].k[0].dtype == torch.bfloat16
+        for t in range(steps):
+            grown = [s + [tokens[b, :t]] if t else s for b, s in enumerate(batch)]
+            x, layout = model.embed_batch(grown)
+            full = model(x, layout, 1)
+            last = full[torch.arange(len(batch)), layout.lengths - 1]
+            torch.testing.assert_close(last.float(), logits[:, t].float(), atol=0.05, rtol=0.05)
+
+
+def test_decode_step_under_autocast_writes_a_float32_cache():
+    """A cache the caller made in float32 takes the step's bfloat16 keys and values."""
+    model = tiny_model()
+    x, layout = model.embed_batch(samples(generator(4)))
+    cache = model.new_cache(x.shape[0], layout.seq_len + 1, dtype=torch.float32)
+    cache.start(layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, layout, 1, cache)
+        cache.begin_step()
+        step = model(model.embed(torch.tensor([1, 2, 3]))[:, None], None, 1, cache)
+    rows = cache.length[:, None, None, None].expand(-1, cache.k[0].shape[1], 1, cache.k[0].shape[3])
+    assert cache.k[0].dtype == torch.float32 and torch.isfinite(step).all()
+    assert cache.k[0].gather(2, rows).abs().sum() > 0  # the step's keys were written
+
+
 def test_cache_steps_append_fixed_tokens_in_place():
     layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2), ("text", 1)],
                                       [("text", 1)]], num_context=1, region_shape=(1, 2, 2))
