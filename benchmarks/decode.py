@@ -125,9 +125,7 @@ def flex_variants(q, k, v, layout, selections, gaze_outputs):
             out = attend(q, k, v, mask)
             variants[f"flex_{mode}"] = lambda mask=mask: attend(q, k, v, mask)
             variants[f"flex_mask_{mode}"] = build
-            facts[mode] = dict(
-                computed_share=flex.computed_share(mask, N),
-                max_abs_diff=(out.float() - gaze_outputs[mode].float()).abs().max().item())
+            facts[mode] = flex.facts(mask, N, out, gaze_outputs[mode])
         return variants, facts
     except Exception as error:  # a peer that cannot run here is reported, not fatal
         return {}, flex.describe_error(error)

@@ -68,6 +68,13 @@ def computed_share(block_mask, num_keys: int) -> float:
     return computed.item() / (block_mask.kv_num_blocks.numel() * key_blocks)
 
 
+def facts(block_mask, num_keys: int, out: torch.Tensor, gaze_out: torch.Tensor) -> Dict[str, float]:
+    """What the reports say of one run of the peer: the share of blocks it computes and the
+    largest difference of its output from gaze_attention's."""
+    return dict(computed_share=computed_share(block_mask, num_keys),
+                max_abs_diff=(out.float() - gaze_out.float()).abs().max().item())
+
+
 def compiled_flex_attention() -> Callable:
     """(q, k, v, block_mask) -> out, through torch.compile (FlexAttention's fast path); K/V
     heads shared by groups of query heads, as gaze_attention takes them."""

@@ -132,15 +132,13 @@ def flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward):
         # detached: on the CPU FlexAttention refuses inputs that require grad, even in no_grad
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out = attend(qd, kd, vd, mask)
-        facts = dict(computed_share=flex.computed_share(mask, N),
-                     max_abs_diff=(out.float() - gaze_forward.float()).abs().max().item())
         variants = {"flex_shared_fwd": lambda: attend(qd, kd, vd, mask)}
         if q.device.type == "cuda":  # FlexAttention has no backward on the CPU
             def forward_backward():
                 attend(q, k, v, mask).backward(grad)
             forward_backward()  # compiles the backward here, where a failure is reported
             variants["flex_shared_fwd_bwd"] = forward_backward
-        return variants, facts
+        return variants, flex.facts(mask, N, out, gaze_forward)
     except Exception as error:  # a peer that cannot run here is reported, not fatal
         return {}, flex.describe_error(error)
 
