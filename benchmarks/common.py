@@ -62,6 +62,22 @@ def _time_once(fn: Callable[[], object], reps: int, device: str) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], None]:
+    """fn run with the environment variable `name` set to `value` (the CUDA ops read their
+    GAZE_* knobs at each call), restored afterwards."""
+    def run():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            fn()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+    return run
+
+
 def memory_bandwidth(device: str, nbytes: int = 1 << 28) -> Dict[str, float]:
     """Measured bytes/s: 'read' (a sum over a buffer) and 'copy' (a device-to-device copy,
     counting bytes read plus written), on buffers far larger than the caches we hope for."""

@@ -25,7 +25,7 @@ from gaze_ext import ops
 
 from . import flex
 from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
-                     memory_bandwidth, time_variants)
+                     memory_bandwidth, time_variants, with_env)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -59,6 +59,9 @@ BANDWIDTH_TARGET = {"cpu": None, "cuda": 0.70}
 # the shared step in other element types too, on the CPU, where the kernels' 16-bit and
 # float32 loops differ most (kept off the GPU run, whose time is counted)
 OTHER_DTYPES = {"cpu": ("bfloat16", "float16"), "cuda": ()}
+# CUDA: attention_shared again with each of these splits per unit (GAZE_SPLITS) instead of
+# the plan's, to see whether the plan picks well
+SPLIT_SWEEP = {"cpu": (), "cuda": (1, 2, 4, 8, 16, 32, 64)}
 
 
 def padded_regions(layout) -> torch.Tensor:
@@ -182,6 +185,9 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
     padded_fixed[:, : layout.fixed_tokens.numel()] = layout.fixed_tokens
     variants["attention_shared_padded_fixed"] = lambda: ops.gaze_attention(
         q, k, v, layout.region_ptr, layout.region_tokens, padded_fixed, selections["shared"])
+    for splits in SPLIT_SWEEP[device]:
+        variants[f"attention_shared_splits_{splits}"] = with_env(
+            "GAZE_SPLITS", str(splits), variants["attention_shared"])
     flex_facts = "left out (--no-flex)"
     if with_flex:
         peers, flex_facts = flex_variants(q, k, v, layout, selections, gaze_outputs)
@@ -229,6 +235,8 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                 "copy" if device == "cuda" else "read", rows=rows, ratios=ratios,
                 targets=targets, verdicts=verdicts, bandwidth_share=bandwidth_share,
                 bandwidth_target=BANDWIDTH_TARGET[device], flex=flex_facts,
+                split_sweep=[dict(splits=n, us=times[f"attention_shared_splits_{n}"] * 1e6)
+                             for n in SPLIT_SWEEP[device]],
                 padded_fixed=dict(entries=N, valid=int((layout.fixed_tokens >= 0).sum()),
                                   cost=times["attention_shared_padded_fixed"]
                                   / times["attention_shared"]),
@@ -300,6 +308,12 @@ def report(result: Dict[str, object]) -> str:
                      f"{padded['valid']} valid) takes {padded['cost']:.2f}x the time (the CUDA "
                      "split-K kernel walks padding entries like keys; GazeKVCache sizes the "
                      "list by the steps left)")
+    sweep = result.get("split_sweep")
+    if sweep:
+        auto = next(r["ms"] for r in result["rows"] if r["variant"] == "attention_shared") * 1e3
+        lines.append("- `attention_shared` with GAZE_SPLITS splits per unit instead of the "
+                     "plan's: " + ", ".join(f"{r['splits']}: {r['us']:.1f} us" for r in sweep)
+                     + f" (the plan: {auto:.1f} us)")
     flex_facts = result.get("flex")
     if isinstance(flex_facts, dict):
         flex_facts = {f"{mode} selection (`flex_{mode}`; `flex_mask_{mode}` builds its block "

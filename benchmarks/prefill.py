@@ -25,7 +25,7 @@ from gaze_ext import ops
 
 from . import flex
 from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
-                     time_variants)
+                     time_variants, with_env)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -59,21 +59,6 @@ def correlated_queries(B, Hq, Lq, D, rho, device, dtype):
     for i in range(1, Lq):
         q[:, :, i] = rho * q[:, :, i - 1] + (1 - rho ** 2) ** 0.5 * noise[:, :, i]
     return q.to(dtype)
-
-
-def with_kernel(kernel: str, fn):
-    """fn run with GAZE_ATTENTION_KERNEL=kernel (read by the CUDA ops at each call)."""
-    def run():
-        before = os.environ.get("GAZE_ATTENTION_KERNEL")
-        os.environ["GAZE_ATTENTION_KERNEL"] = kernel
-        try:
-            fn()
-        finally:
-            if before is None:
-                del os.environ["GAZE_ATTENTION_KERNEL"]
-            else:
-                os.environ["GAZE_ATTENTION_KERNEL"] = before
-    return run
 
 
 def tile_work(idx: torch.Tensor, layout, q_pos: torch.Tensor, rows_per_position: int,
@@ -199,10 +184,10 @@ def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
                 "sdpa_fwd": dense_forward, "gaze_shared_fwd": lambda: forward_only(q, True),
                 "gaze_shared_fwd_correlated": lambda: forward_only(corr, True)}
     if device == "cuda":  # the tensor-core kernels against the split-K ones, same inputs
-        variants["gaze_shared_fwd_bwd_correlated_split_k"] = with_kernel(
-            "split", lambda: gaze(corr, True))
-        variants["gaze_shared_fwd_correlated_split_k"] = with_kernel(
-            "split", lambda: forward_only(corr, True))
+        variants["gaze_shared_fwd_bwd_correlated_split_k"] = with_env(
+            "GAZE_ATTENTION_KERNEL", "split", lambda: gaze(corr, True))
+        variants["gaze_shared_fwd_correlated_split_k"] = with_env(
+            "GAZE_ATTENTION_KERNEL", "split", lambda: forward_only(corr, True))
     flex_facts = "left out (--no-flex)"
     if with_flex:
         idx = select(q, True)

@@ -47,9 +47,13 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     assert "attention_shared_padded_fixed" in variants
     assert result["padded_fixed"]["valid"] < result["padded_fixed"]["entries"] == result["keys"]
     assert "padded with -1 to the cache's length" in text
+    assert result["split_sweep"] == []  # GAZE_SPLITS is for the CUDA kernels
     result.update(bandwidth_target=0.7, floor_bandwidth="copy")  # as a CUDA run reports it
     result["verdicts"]["attention_bandwidth"] = "MISS"
-    assert "of the copy bandwidth measured above (target 70%): **MISS**" in decode.report(result)
+    result["split_sweep"] = [dict(splits=1, us=80.0), dict(splits=8, us=41.5)]
+    text = decode.report(result)
+    assert "of the copy bandwidth measured above (target 70%): **MISS**" in text
+    assert "instead of the plan's: 1: 80.0 us, 8: 41.5 us (the plan: " in text
 
 
 def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):

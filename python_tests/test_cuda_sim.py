@@ -349,6 +349,44 @@ def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("splits", ["1", "3", "64"])
+def test_forced_split_counts_match_cpu(sim, monkeypatch, splits):
+    """GAZE_SPLITS overrides the plan's splits per unit (the decode benchmark sweeps it): one
+    split (no merge), three, and more splits than a unit has keys (empty splits), forward
+    and backward (at most 16 splits there)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    monkeypatch.setenv("GAZE_SPLITS", splits)
+    gen = generator(21)
+    B, Hq, Hkv, Lq, N, D, K = 2, 8, 2, 1, 300, 64, 5
+    layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
+    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D))
+    idx = random_selection(gen, (B, Hkv, Lq, K), layout.num_regions)
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx,
+            q_positions(gen, B, Lq, N), 0.3)
+    got = sim.gaze_attention(q, k, v, *args)
+    assert launched(sim) == ({"attention_forward_kernel"} if splits == "1"
+                             else {"attention_forward_kernel", "merge_splits_kernel"})
+    out, lse = ops.gaze_attention(q, k, v, *args)
+    torch.testing.assert_close(got[0], out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], lse, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=gen)
+    backward_args = (grad, None, q, k, v, out, lse, *args)
+    want = torch.ops.gaze.gaze_attention_backward(*backward_args)
+    for name, g, w in zip(("dq", "dk", "dv"), sim.gaze_attention_backward(*backward_args), want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_forced_split_count_must_be_a_number(sim, monkeypatch):
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    monkeypatch.setenv("GAZE_SPLITS", "eight")
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 40, 16)
+    layout = gaze_ext.build_layout([(0, 1, 6, 6)], 40)
+    idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="GAZE_SPLITS must be a number"):
+        sim.gaze_attention(q, k, k, layout.region_ptr, layout.region_tokens, layout.fixed_tokens,
+                           idx, None, 0.25)
+
+
 # ---------------------------------------------------------- gaze_attention, tensor cores
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
