@@ -73,7 +73,7 @@ case $MODE in
   full) run_tests 180; sanitize memcheck 80; benchmark 60 100 --no-flex ;;
   sanitizers) sanitize racecheck 200; sanitize synccheck 100; sanitize initcheck 100 ;;
   tests) run_tests 420 "${PYTEST_ARGS[@]}" ;;
-  bench) benchmark 150 240 ;;
+  bench) benchmark 200 240 ;;
 esac
 
 {
