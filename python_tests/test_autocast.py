@@ -24,8 +24,8 @@ def mixed_case(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ops_cast_their_operands_to_the_autocast_dtype(device, dtype):
     """Each op with float32 and `dtype` operands inside autocast equals the op on operands
-    cast beforehand (bitwise: the same kernel runs), and float32 leaves get float32
-    gradients through the casts."""
+    cast beforehand (bitwise: the same kernel runs, the backward in its deterministic mode),
+    and float32 leaves get float32 gradients through the casts."""
     layout, q, k, v, idx, q_pos = mixed_case(device)
     k16 = k.to(dtype)
     with torch.autocast(device, dtype=dtype):
@@ -47,8 +47,12 @@ def test_ops_cast_their_operands_to_the_autocast_dtype(device, dtype):
     want_out, want_lse = ops.gaze_attention(q_cast, k16, v_cast, *args)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     grad = torch.randn(out.shape, generator=generator(4)).to(device, dtype)
-    out.backward(grad)
-    want_out.backward(grad)
+    torch.use_deterministic_algorithms(True)  # the CUDA backward's dK/dV atomics, in order
+    try:
+        out.backward(grad)
+        want_out.backward(grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert q_leaf.grad.dtype == torch.float32 and v_leaf.grad.dtype == torch.float32
     assert torch.equal(q_leaf.grad, q_cast.grad.float())
     assert torch.equal(v_leaf.grad, v_cast.grad.float())
