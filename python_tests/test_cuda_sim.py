@@ -318,6 +318,25 @@ def test_skipped_invalid_entries_match_their_removal(sim):
     torch.testing.assert_close(got[1], want[1])
 
 
+def split_forward_against_cpu(sim, gen, layout, dims, K):
+    """Normal q, k, v of dims (B, Hq, Hkv, Lq, N, D), a selection of K slots per KV head and
+    query positions; the split-K forward on gaze_sim against the CPU op. Returns the kernels
+    it launched, the backward's arguments and the CPU's (dq, dk, dv)."""
+    B, Hq, Hkv, Lq, N, D = dims
+    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(*dims))
+    idx = random_selection(gen, (B, Hkv, Lq, K), layout.num_regions)
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx,
+            q_positions(gen, B, Lq, N), 0.3)
+    got = sim.gaze_attention(q, k, v, *args)
+    kernels = launched(sim)
+    out, lse = ops.gaze_attention(q, k, v, *args)
+    torch.testing.assert_close(got[0], out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], lse, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=gen)
+    backward_args = (grad, None, q, k, v, out, lse, *args)
+    return kernels, backward_args, torch.ops.gaze.gaze_attention_backward(*backward_args)
+
+
 def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
     """Few keys per unit (fixed tokens + 8 per slot < 128): one split, no merge, so the
     forward kernel writes out and lse itself, and the backward stores dq, for units of
@@ -327,18 +346,9 @@ def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
     B, Hq, Hkv, Lq, N, D, K = 2, 8, 2, 3, 100, 64, 4
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=8)
     assert layout.fixed_tokens.shape[-1] + 8 * K < 128  # plan_splits: one split's worth of work
-    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D))
-    idx = random_selection(gen, (B, Hkv, Lq, K), layout.num_regions)
-    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx,
-            q_positions(gen, B, Lq, N), 0.3)
-    got = sim.gaze_attention(q, k, v, *args)
-    assert launched(sim) == {"attention_forward_kernel"}
-    out, lse = ops.gaze_attention(q, k, v, *args)
-    torch.testing.assert_close(got[0], out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], lse, atol=1e-5, rtol=1e-5)
-    grad = torch.randn(out.shape, generator=gen)
-    backward_args = (grad, None, q, k, v, out, lse, *args)
-    want = torch.ops.gaze.gaze_attention_backward(*backward_args)
+    kernels, backward_args, want = split_forward_against_cpu(sim, gen, layout,
+                                                             (B, Hq, Hkv, Lq, N, D), K)
+    assert kernels == {"attention_forward_kernel"}
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         try:
@@ -359,19 +369,10 @@ def test_forced_split_counts_match_cpu(sim, monkeypatch, splits):
     gen = generator(21)
     B, Hq, Hkv, Lq, N, D, K = 2, 8, 2, 1, 300, 64, 5
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
-    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D))
-    idx = random_selection(gen, (B, Hkv, Lq, K), layout.num_regions)
-    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx,
-            q_positions(gen, B, Lq, N), 0.3)
-    got = sim.gaze_attention(q, k, v, *args)
-    assert launched(sim) == ({"attention_forward_kernel"} if splits == "1"
-                             else {"attention_forward_kernel", "merge_splits_kernel"})
-    out, lse = ops.gaze_attention(q, k, v, *args)
-    torch.testing.assert_close(got[0], out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], lse, atol=1e-5, rtol=1e-5)
-    grad = torch.randn(out.shape, generator=gen)
-    backward_args = (grad, None, q, k, v, out, lse, *args)
-    want = torch.ops.gaze.gaze_attention_backward(*backward_args)
+    kernels, backward_args, want = split_forward_against_cpu(sim, gen, layout,
+                                                             (B, Hq, Hkv, Lq, N, D), K)
+    assert kernels == ({"attention_forward_kernel"} if splits == "1"
+                       else {"attention_forward_kernel", "merge_splits_kernel"})
     for name, g, w in zip(("dq", "dk", "dv"), sim.gaze_attention_backward(*backward_args), want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=name)
 
