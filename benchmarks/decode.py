@@ -120,10 +120,11 @@ def flex_variants(q, k, v, layout, selections, gaze_outputs):
     N = k.shape[2]
     try:
         attend = flex.compiled_flex_attention()
+        maps = flex.key_maps(layout, N, q.device)
         variants, facts = {}, {}
         for mode, idx in selections.items():
             def build(idx=idx):
-                return flex.selection_block_mask(layout, idx, None, Hq, Lq, N)
+                return flex.selection_block_mask(maps, idx, None, Hq, Lq)
             mask = build()
             out = attend(q, k, v, mask)
             variants[f"flex_{mode}"] = lambda mask=mask: attend(q, k, v, mask)

@@ -11,49 +11,63 @@ it computes next to its time.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 
 
-def selection_mask_mod(layout, idx: torch.Tensor, q_pos: Optional[torch.Tensor], q_heads: int,
-                       num_keys: int) -> Callable:
-    """mask_mod(b, h, i, n): whether gaze_attention's query (b, h, i) sees key n under the
-    selection idx [B, Hs, Lq, K]: n is a fixed token or in a selected region, and n <= q_pos.
-    For layouts shared by the batch in which no key sits in two regions (build_layout's)."""
+class KeyMaps(NamedTuple):
+    """What a layout says of each key, for mask_mods: built once per layout, not per step."""
+    region_of: torch.Tensor  # [N] long: the region listing key n, R when none
+    is_fixed: torch.Tensor   # [N] bool: key n is a fixed token
+    num_regions: int
+
+
+def key_maps(layout, num_keys: int, device) -> KeyMaps:
+    """KeyMaps of a layout shared by the batch in which no key sits in two regions
+    (build_layout's)."""
     if layout.region_ptr.dim() != 1:
-        raise ValueError("selection_mask_mod takes a layout shared by the batch")
-    device = idx.device
+        raise ValueError("key_maps takes a layout shared by the batch")
     ptr = layout.region_ptr.long().to(device)
     R = ptr.numel() - 1
     listed = layout.region_tokens.long().to(device)[: int(ptr[-1])]
-    region_of = torch.full((num_keys,), R, dtype=torch.long, device=device)  # R: no region
+    region_of = torch.full((num_keys,), R, dtype=torch.long, device=device)
     region_of[listed] = torch.repeat_interleave(torch.arange(R, device=device), ptr.diff())
     if (torch.bincount(listed, minlength=num_keys) > 1).any():
-        raise ValueError("selection_mask_mod: a key listed twice has no single region")
+        raise ValueError("key_maps: a key listed twice has no single region")
     fixed = layout.fixed_tokens.long().to(device)
     is_fixed = torch.zeros(num_keys, dtype=torch.bool, device=device)
     is_fixed[fixed[fixed >= 0]] = True
+    return KeyMaps(region_of, is_fixed, R)
+
+
+def selection_mask_mod(maps: KeyMaps, idx: torch.Tensor, q_pos: Optional[torch.Tensor],
+                       q_heads: int) -> Callable:
+    """mask_mod(b, h, i, n): whether gaze_attention's query (b, h, i) sees key n under the
+    selection idx [B, Hs, Lq, K]: n is a fixed token or in a selected region, and n <= q_pos."""
+    device, R, N = idx.device, maps.num_regions, maps.region_of.numel()
     B, Hs, Lq, _ = idx.shape
     chosen = torch.zeros(B, Hs, Lq, R + 1, dtype=torch.bool, device=device)  # [..., R]: none
     slots = idx.long()
     chosen.scatter_(3, torch.where(slots >= 0, slots, R), True)
     chosen[..., R] = False
     limit = (q_pos.long() if q_pos is not None
-             else torch.full((B, Lq), num_keys, dtype=torch.long, device=device))
+             else torch.full((B, Lq), N, dtype=torch.long, device=device))
     group = q_heads // Hs
+    region_of, is_fixed = maps.region_of, maps.is_fixed
 
     def mask_mod(b, h, i, n):
         return (n <= limit[b, i]) & (is_fixed[n] | chosen[b, h // group, i, region_of[n]])
     return mask_mod
 
 
-def selection_block_mask(layout, idx, q_pos, q_heads: int, q_len: int, num_keys: int):
+def selection_block_mask(maps: KeyMaps, idx, q_pos, q_heads: int, q_len: int):
     """FlexAttention's BlockMask for selection_mask_mod (one per query head, as enable_gqa
-    needs), built by torch's create_block_mask."""
+    needs), built by torch's create_block_mask: what a step redoes when its selection
+    changes."""
     from torch.nn.attention.flex_attention import create_block_mask
-    mask_mod = selection_mask_mod(layout, idx, q_pos, q_heads, num_keys)
-    return create_block_mask(mask_mod, idx.shape[0], q_heads, q_len, num_keys,
+    mask_mod = selection_mask_mod(maps, idx, q_pos, q_heads)
+    return create_block_mask(mask_mod, idx.shape[0], q_heads, q_len, maps.region_of.numel(),
                              device=idx.device.type)
 
 

@@ -113,7 +113,7 @@ def flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward):
     N = k.shape[2]
     try:
         attend = flex.compiled_flex_attention()
-        mask = flex.selection_block_mask(layout, idx, q_pos, Hq, Lq, N)
+        mask = flex.selection_block_mask(flex.key_maps(layout, N, q.device), idx, q_pos, Hq, Lq)
         # detached: on the CPU FlexAttention refuses inputs that require grad, even in no_grad
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out = attend(qd, kd, vd, mask)

@@ -85,7 +85,7 @@ def test_flex_mask_sees_what_gaze_attention_sees(seed):
     for Hs in (Hkv, Hkv * G):
         idx = random_selection(gen, (B, Hs, Lq, K), R, repeats=False)
         q_pos = q_positions(gen, B, Lq, N) if Hs == Hkv else None
-        mask_mod = flex.selection_mask_mod(layout, idx, q_pos, Hkv * G, N)
+        mask_mod = flex.selection_mask_mod(flex.key_maps(layout, N, "cpu"), idx, q_pos, Hkv * G)
         b, h, i, n = (torch.arange(size).view([-1 if d == a else 1 for d in range(4)])
                       for a, size in enumerate((B, Hkv * G, Lq, N)))
         expected = reference.key_multiplicity(layout.region_ptr, layout.region_tokens,
@@ -102,8 +102,9 @@ def test_flex_block_share_counts_the_blocks_with_a_visible_key(q_len, causal):
     layout = gaze_ext.build_layout([(0, 2, 6, 7), (100 + 84, 2, 6, 7)], N, region_shape=(1, 2, 2))
     idx = random_selection(gen, (B, Hkv, q_len, 3), layout.num_regions, repeats=False)
     q_pos = q_positions(gen, B, q_len, N, low=N // 2) if causal else None
-    mask = flex.selection_block_mask(layout, idx, q_pos, Hkv * G, q_len, N)
-    mask_mod = flex.selection_mask_mod(layout, idx, q_pos, Hkv * G, N)
+    maps = flex.key_maps(layout, N, "cpu")
+    mask = flex.selection_block_mask(maps, idx, q_pos, Hkv * G, q_len)
+    mask_mod = flex.selection_mask_mod(maps, idx, q_pos, Hkv * G)
     sees = mask_mod(*(torch.arange(size).view([-1 if d == a else 1 for d in range(4)])
                       for a, size in enumerate((B, Hkv * G, q_len, N)))).expand(B, -1, q_len, N)
     blocks = [[sees[..., i:i + 128, n:n + 128].flatten(-2).any(-1)
@@ -118,7 +119,7 @@ def test_flex_mask_refuses_keys_in_two_regions():
                                  torch.tensor([1, 2], dtype=torch.int32),
                                  torch.tensor([3], dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="listed twice"):
-        flex.selection_mask_mod(layout, torch.zeros(1, 1, 1, 1, dtype=torch.int32), None, 1, 4)
+        flex.key_maps(layout, 4, "cpu")
 
 
 def test_kernel_names_lose_namespaces_and_parameters():
