@@ -189,8 +189,10 @@ def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
         variants["gaze_shared_fwd_correlated_split_k"] = with_env(
             "GAZE_ATTENTION_KERNEL", "split", lambda: forward_only(corr, True))
     flex_facts = "left out (--no-flex)"
+    # each query set's shared selection, for the peer and tile_work (not timed)
+    shared_selection = {name: select(query, True) for name, query in queries.items()}
     if with_flex:
-        idx = select(q, True)
+        idx = shared_selection["iid"]
         with torch.no_grad():
             gaze_forward, _ = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
                                                  layout.fixed_tokens, idx, q_pos)
@@ -204,7 +206,7 @@ def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
     target = TARGET[device]
     verdicts = {name: "n/a" if target is None else ("PASS" if r >= target else "MISS")
                 for name, r in ratios.items()}
-    work = {name: tile_work(select(query, True), layout, q_pos, G) for name, query in queries.items()}
+    work = {name: tile_work(idx, layout, q_pos, G) for name, idx in shared_selection.items()}
     unions = {name: w[0] for name, w in work.items()}
     computed_share = {name: w[2] / max(w[1], 1) for name, w in work.items()}
     # forward TFLOP/s (4 D per query-key product): dense over every visible key, the
