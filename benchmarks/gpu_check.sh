@@ -60,10 +60,26 @@ sanitize() {  # sanitize TOOL LIMIT [ARGS...]: one compute-sanitizer tool over s
 step build 150 "$OUT/build.log" $PY setup.py build_ext --inplace
 # (gaze_sim, the CPU emulation of these kernels, is for machines without a GPU)
 # A test that hangs past 60 s (a deadlock on the GPU) prints every thread's stack to the log.
+# Without PYTEST ARGS each test file runs in its own process, so that a crash (a segfault, a
+# broken CUDA context) costs one file's results, not the rest of the suite's.
 run_tests() {  # run_tests LIMIT [PYTEST ARGS]
   local limit=$1; shift
-  [ $# -gt 0 ] || set -- python_tests --ignore=python_tests/test_cuda_sim.py
-  step tests "$limit" "$OUT/tests.log" $PY -m pytest -q -ra -o faulthandler_timeout=60 "$@"
+  local pytest=($PY -m pytest -q -ra --tb=short -o faulthandler_timeout=60)
+  if [ $# -gt 0 ]; then
+    step tests "$limit" "$OUT/tests.log" "${pytest[@]}" "$@"
+    return
+  fi
+  local deadline=$((SECONDS + limit)) f rc=0
+  : > "$OUT/tests.log"
+  for f in python_tests/test_*.py; do
+    [ "$f" = python_tests/test_cuda_sim.py ] && continue
+    echo "=== $f" >> "$OUT/tests.log"
+    step "tests: ${f#python_tests/}" $((deadline > SECONDS ? deadline - SECONDS : 1)) \
+      "$OUT/tests-file.log" "${pytest[@]}" "$f" || rc=1
+    cat "$OUT/tests-file.log" >> "$OUT/tests.log"
+  done
+  rm -f "$OUT/tests-file.log"
+  return $rc
 }
 benchmark() {  # benchmark DECODE_LIMIT PREFILL_LIMIT [--no-flex]
   step decode-benchmark "$1" "$OUT/decode.log" $PY -m benchmarks.decode --device cuda --out "$OUT" ${3:-}
@@ -88,7 +104,8 @@ esac
   if [ -f "$OUT/tests.log" ]; then
     echo "## Tests"
     echo '```'
-    tail -n 30 "$OUT/tests.log"
+    grep -E "^(=== python_tests|FAILED|ERROR)|^[0-9]+ [a-z]+.* in [0-9.]+s|Fatal Python" "$OUT/tests.log" |
+      head -n 80
     echo '```'
     echo
   fi
