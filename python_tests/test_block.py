@@ -23,6 +23,23 @@ def samples(gen, visual_dim=8, device="cpu", dtype=torch.float32):
     ]
 
 
+def exact_dtype(device):
+    """The dtype the model checks run in: float64 on the CPU; the CUDA kernels take no
+    float64 (DESIGN.md), so float32 there."""
+    return torch.float64 if device == "cpu" else torch.float32
+
+
+def assert_matches(actual, expected):
+    """assert_close in float64; in float32 (CUDA: fast-math exp2 in the kernels) the largest
+    difference within 1e-4 of the largest magnitude (float32 on the CPU gives ~6e-7)."""
+    if expected.dtype == torch.float64:
+        torch.testing.assert_close(actual, expected)
+    else:
+        assert actual.shape == expected.shape
+        error = (actual - expected).abs().max().item()
+        assert error <= 1e-4 * expected.abs().max().item(), error
+
+
 def tiny_model(share_kv=True, region_shape=(2, 2, 2), seed=0, device="cpu", dtype=torch.float32):
     torch.manual_seed(seed)
     return GazeLM(vocab_size=16, visual_dim=8, d_model=32, num_layers=2, num_heads=4,
@@ -91,19 +108,20 @@ def test_block_without_text_or_visual_rows(sample):
 @pytest.mark.parametrize("topk", [None, 1, 2])
 def test_block_matches_dense_reference_outputs_and_gradients(device, share_kv, topk):
     """topk=None is dense (every region selected); with routing both pick the same regions."""
-    model = tiny_model(share_kv, device=device, dtype=torch.float64)
-    x, layout = model.embed_batch(samples(generator(1), device=device, dtype=torch.float64))
+    dtype = exact_dtype(device)
+    model = tiny_model(share_kv, device=device, dtype=dtype)
+    x, layout = model.embed_batch(samples(generator(1), device=device, dtype=dtype))
     out = model(x, layout, topk)
     ref = model(x, layout, topk, reference=True)
     valid = torch.arange(x.shape[1], device=device)[None] < layout.lengths[:, None]
-    torch.testing.assert_close(out[valid], ref[valid])
+    assert_matches(out[valid], ref[valid])
     params = [p for p in model.parameters()]
     grads = torch.autograd.grad((out[valid] ** 2).sum(), params, allow_unused=True,
                                 retain_graph=True)
     ref_grads = torch.autograd.grad((ref[valid] ** 2).sum(), params, allow_unused=True)
     for p, g, r in zip(params, grads, ref_grads):
         assert g is not None, "every parameter gets a gradient"
-        torch.testing.assert_close(g, r)
+        assert_matches(g, r)
 
 
 def test_gradients_reach_projections_and_context_tokens():
@@ -119,8 +137,9 @@ def test_gradients_reach_projections_and_context_tokens():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share_kv", [True, False])
 def test_generation_with_cache_matches_recomputation(device, share_kv):
-    model = tiny_model(share_kv, device=device, dtype=torch.float64)
-    batch = samples(generator(3), device=device, dtype=torch.float64)
+    dtype = exact_dtype(device)
+    model = tiny_model(share_kv, device=device, dtype=dtype)
+    batch = samples(generator(3), device=device, dtype=dtype)
     steps, topk = 6, 1
     tokens, logits = model.generate(batch, steps, topk=topk, return_logits=True)
     for t in range(steps):
@@ -128,7 +147,7 @@ def test_generation_with_cache_matches_recomputation(device, share_kv):
         x, layout = model.embed_batch(grown)
         full = model(x, layout, topk)
         last = full[torch.arange(len(batch)), layout.lengths - 1]
-        torch.testing.assert_close(last, logits[:, t])
+        assert_matches(last, logits[:, t])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -184,8 +184,8 @@ def test_device_mismatch_is_named():
     a = base_args()
     a["q"] = a["q"].cuda()
     expect(call_attention, a, "gaze.gaze_attention", "k", "cuda")
-    b = base_args()
-    b.update(q=b["q"].cuda(), k=b["k"].cuda(), v=b["v"].cuda())
+    b = base_args()  # idx is checked before the layout: it goes to the GPU too
+    b.update(q=b["q"].cuda(), k=b["k"].cuda(), v=b["v"].cuda(), idx=b["idx"].cuda())
     expect(call_attention, b, "region_ptr", "cpu")
 
 
