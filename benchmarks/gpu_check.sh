@@ -25,6 +25,10 @@ OUT=${OUT:-benchmarks/results/gpu-latest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GAZE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
+# The GPU image's default CXX, /opt/gcc/bin/g++, wraps g++-real 13.3; an extension it built
+# segfaulted on every C++ exception raised by gaze_attention (2026-11-25, H100 machine),
+# while /usr/bin/g++ (13.3 too) built one that raises cleanly.
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 PY=${PYTHON:-python3}
 REPORT="$OUT/report.md"
 step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and time
@@ -44,7 +48,7 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and tim
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
   echo "- $($PY -c 'import torch, sys; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| python", sys.version.split()[0])')"
-  echo "- nvcc: $(nvcc --version | tail -1)"
+  echo "- nvcc: $(nvcc --version | tail -1); host compiler: ${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
   echo "- kernel: $(uname -r) (compute-sanitizer refuses the GPU under gVisor, kernel 4.4.0)"
 } > "$REPORT"
 
@@ -60,11 +64,16 @@ sanitize() {  # sanitize TOOL LIMIT [ARGS...]: one compute-sanitizer tool over s
 step build 150 "$OUT/build.log" $PY setup.py build_ext --inplace
 # (gaze_sim, the CPU emulation of these kernels, is for machines without a GPU)
 # A test that hangs past 60 s (a deadlock on the GPU) prints every thread's stack to the log.
-# Without PYTEST ARGS each test file runs in its own process, so that a crash (a segfault, a
-# broken CUDA context) costs one file's results, not the rest of the suite's.
+# Without PYTEST ARGS the suite runs so that a crash (a segfault, a broken CUDA context)
+# costs one test's or one file's result, not the rest of the suite's: in 4 pytest-xdist
+# workers (a crashed worker's test is reported and the worker replaced) where xdist is
+# installed, as on the GPU machines, else each test file in its own process.
 run_tests() {  # run_tests LIMIT [PYTEST ARGS]
   local limit=$1; shift
   local pytest=($PY -m pytest -q -ra --tb=short -o faulthandler_timeout=60)
+  if [ $# -eq 0 ] && $PY -c "import xdist" 2> /dev/null; then
+    set -- -n 4 python_tests --ignore=python_tests/test_cuda_sim.py
+  fi
   if [ $# -gt 0 ]; then
     step tests "$limit" "$OUT/tests.log" "${pytest[@]}" "$@"
     return
@@ -86,7 +95,7 @@ benchmark() {  # benchmark DECODE_LIMIT PREFILL_LIMIT [--no-flex]
   step prefill-benchmark "$2" "$OUT/prefill.log" $PY -m benchmarks.prefill --device cuda --out "$OUT" ${3:-}
 }
 case $MODE in
-  full) run_tests 180; sanitize memcheck 80; benchmark 60 100 --no-flex ;;
+  full) run_tests 300; sanitize memcheck 80; benchmark 60 100 --no-flex ;;
   sanitizers) sanitize racecheck 200; sanitize synccheck 100; sanitize initcheck 100 ;;
   tests) run_tests 420 "${PYTEST_ARGS[@]}" ;;
   bench) benchmark 200 240 ;;
