@@ -32,8 +32,11 @@ namespace gaze::cuda {
 namespace {
 
 template <typename T, bool kVec, int NH>
-__global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kAttnThreads, kVec ? 8 : 4) attention_forward_kernel(AttnParams p) {
   using Chunk = RowChunk<T, kVec>;
+  // Rows a thread loads before it uses them: 4 from global memory, 2 from the shared tiles
+  // (short latency), which keeps the kernel within 64 registers (8 blocks per SM)
+  constexpr int kRows = kVec ? 2 : kRowsInFlight;
   constexpr int C = Chunk::kChunk;
   const int D = p.shape.head_dim, chunks = D / C;
   extern __shared__ __align__(16) float smem[];
@@ -111,20 +114,20 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
     if (more) find_positions(v0 + kKeyBatch, buf ^ 1);
 
     // b. scores: one K row per lane group, all heads at once; a group loads the chunks of
-    // kRowsInFlight rows before it uses them, so their loads overlap. The trip count is
+    // kRows rows before it uses them, so their loads overlap. The trip count is
     // the same across a warp (kKeyBatch is a multiple of groups, or a warp has no rows).
-    for (int j0 = group; j0 < kKeyBatch; j0 += groups * kRowsInFlight) {
-      int32_t pos[kRowsInFlight];
-      float partial[kRowsInFlight][NH] = {};
+    for (int j0 = group; j0 < kKeyBatch; j0 += groups * kRows) {
+      int32_t pos[kRows];
+      float partial[kRows][NH] = {};
 #pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
+      for (int u = 0; u < kRows; ++u) {
         const int j = j0 + u * groups;
         pos[u] = j < kKeyBatch ? batch_positions[j] : -1;
       }
       for (int c = sub; c < chunks; c += p.lanes) {
-        Chunk x[kRowsInFlight];
+        Chunk x[kRows];
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u) {
+        for (int u = 0; u < kRows; ++u) {
           if (pos[u] >= 0 && kVec) {
             x[u].load_shared(k_tile + (j0 + u * groups) * D + c * C);
           } else if (pos[u] >= 0) {
@@ -134,10 +137,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
           }
         }
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u) dot_chunk_heads<NH, C>(query, D, c, x[u].v, partial[u]);
+        for (int u = 0; u < kRows; ++u) dot_chunk_heads<NH, C>(query, D, c, x[u].v, partial[u]);
       }
 #pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
+      for (int u = 0; u < kRows; ++u) {
 #pragma unroll
         for (int h = 0; h < NH; ++h) partial[u][h] = warp_sum(partial[u][h], p.lanes);
         const int j = j0 + u * groups;
@@ -178,11 +181,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
       const int h = owner / chunks, c = owner % chunks;
       if (h >= unit.num_heads) continue;
       float sum[C] = {};
-      for (int j0 = subset; j0 < kKeyBatch; j0 += subsets * kRowsInFlight) {  // loads overlap
-        Chunk x[kRowsInFlight];
-        float w[kRowsInFlight];
+      for (int j0 = subset; j0 < kKeyBatch; j0 += subsets * kRows) {  // loads overlap
+        Chunk x[kRows];
+        float w[kRows];
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u) {
+        for (int u = 0; u < kRows; ++u) {
           const int j = j0 + u * subsets;
           const int32_t pos = j < kKeyBatch ? batch_positions[j] : -1;
           w[u] = pos >= 0 ? probs[h][j] : 0.f;
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_forward_kernel(AttnPar
           }
         }
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u) {  // keys in ascending order, as before
+        for (int u = 0; u < kRows; ++u) {  // keys in ascending order, as before
 #pragma unroll
           for (int e = 0; e < C; ++e) sum[e] += w[u] * x[u].v[e];
         }
