@@ -162,6 +162,7 @@ __global__ void __launch_bounds__(kAttnThreads, kVec ? 8 : 4) attention_forward_
       const float pj = exp2_approx(s - softmax_safe_max(new_max));
       probs[h][lane] = pj;
       const float sum = warp_sum(pj);
+      __syncwarp();  // every lane has read row_max[h] before lane 0 writes it
       if (lane == 0) {
         const float r = softmax_rescale(old_max, new_max);
         rescale[h] = r;

@@ -77,6 +77,7 @@ __device__ __forceinline__ void select_digit(const uint32_t* histogram, int shif
   const unsigned reached = __ballot_sync(0xFFFFFFFFu, through >= need);
   // the first lane that reaches the count, else the last: its walk then ends at digit 0
   const int walker = reached != 0u ? __ffs(int(reached)) - 1 : 31;
+  __syncwarp();  // every lane has read *remaining before the walker writes it
   if (lane == walker) {
     uint32_t above = through - bins;
     int digit = top;

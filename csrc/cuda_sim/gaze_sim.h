@@ -251,6 +251,12 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return bits;
 }
 
+// A warp barrier: the lanes of mask meet, checked like the other warp collectives.
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  int unused = 0;
+  ::gaze_sim::warp_exchange(mask, &unused, sizeof(unused));
+}
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 
