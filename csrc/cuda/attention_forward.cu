@@ -348,8 +348,8 @@ void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resi
   const AttentionShape& S = a.shape;
   // Splits whose blocks fill whole waves of resident blocks. A call's blocks stream about as
   // many keys each, so a last, partial wave leaves most of the GPU idle for a whole block's
-  // time (at the decode benchmark's shape, ~8 blocks per multiprocessor made 1,088 blocks
-  // for 528 resident: a third wave of 32). The fewest splits whose fill is within 10% of the
+  // time (e.g. 17 splits x 64 units = 1,088 blocks for 1,056 resident on an H100: a second
+  // wave of 32). The fewest splits whose fill is within 10% of the
   // best: more splits mean shorter streams and more partial results to merge. No split with
   // less than ~64 keys' worth of work, at most kMaxSlots slots each.
   const int64_t wave = int64_t(std::max(resident_per_sm, 1)) * multiprocessor_count();
