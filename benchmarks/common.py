@@ -122,6 +122,10 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str:
+    # The GPU tool's copy of the tree keeps a stale .git HEAD: gpu_check.sh's caller names the
+    # commit that runs.
+    if os.environ.get("GAZE_COMMIT"):
+        return os.environ["GAZE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=os.path.dirname(__file__), check=True)
