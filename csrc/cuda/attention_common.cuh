@@ -62,7 +62,8 @@ struct AttnParams : AttentionOperands, BackwardOperands {
   // forward outputs
   void* out;              // [B, Hq, Lq, D] (dtype of q), when splits == 1
   float* lse;             // [B, Hq, Lq], when splits == 1
-  float* partial_stats;   // [units, splits, NH, 2] (max, sum), when splits > 1
+  float* partial_stats;   // [units, splits, NH, 2] (max, sum), when splits > 1; the merge
+                          // overwrites each max with its split's weight
   float* partial_acc;     // [units, splits, NH, D], when splits > 1
 };
 

@@ -248,48 +248,49 @@ __global__ void __launch_bounds__(kAttnThreads, kVec ? 8 : 4) attention_forward_
 }
 
 // Merges the splits of each unit: out = sum_s w_s acc_s / sum_s w_s l_s with
-// w_s = 2^(m_s - max_s m_s).
+// w_s = 2^(m_s - max_s m_s). One block per (unit, head). Warp 0 computes each split's weight
+// once and writes it over that split's max (partial_stats is this call's scratch); then each
+// thread's loads of acc_s are independent (unrolled), so they fly together instead of costing
+// one latency per split.
 template <typename T, int NH>
 __global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p) {
-  const int64_t u = blockIdx.x;
+  const int64_t u = blockIdx.x / NH;
+  const int h = int(blockIdx.x % NH);
   const Unit unit = decode_unit(p, u, NH);
+  if (h >= unit.num_heads) return;  // the whole block: before any barrier
   const int D = p.shape.head_dim, S = p.splits;
-  __shared__ float reference_max[NH], total[NH];
-  // one warp per head: the splits' weights (up to 32 splits per lane pass)
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int h = warp; h < NH; h += kAttnWarps) {
+  const int64_t split_stride = int64_t(NH) * 2;           // partial_stats: [units, S, NH, 2]
+  float* stats = p.partial_stats + (u * S * NH + h) * 2;  // (max, sum) of split s at s * stride
+  __shared__ float total;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
     float m = kNegInf;
-    for (int s = lane; s < S; s += 32) m = fmaxf(m, p.partial_stats[((u * S + s) * NH + h) * 2]);
+    for (int s = lane; s < S; s += 32) m = fmaxf(m, stats[s * split_stride]);
     m = warp_max(m);
     const float safe = softmax_safe_max(m);
     float l = 0.f;
     for (int s = lane; s < S; s += 32) {
-      const float* st = p.partial_stats + ((u * S + s) * NH + h) * 2;
-      l += exp2_approx(st[0] - safe) * st[1];
+      const float w = exp2_approx(stats[s * split_stride] - safe);
+      l += w * stats[s * split_stride + 1];
+      stats[s * split_stride] = w;
     }
     l = warp_sum(l);
     if (lane == 0) {
-      total[h] = l;
-      reference_max[h] = safe;
-      if (h < unit.num_heads) {
-        const int64_t row =
-            (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
-        p.lse[row] = softmax_lse(m, l);
-      }
+      total = l;
+      const int64_t row =
+          (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
+      p.lse[row] = softmax_lse(m, l);
     }
   }
-  __syncthreads();
+  __syncthreads();  // (also makes warp 0's weights in global memory visible to the block)
   T* out = reinterpret_cast<T*>(p.out);
-  for (int e = threadIdx.x; e < unit.num_heads * D; e += kAttnThreads) {
-    const int h = e / D, d = e % D;
-    const float safe = reference_max[h];
+  const float* acc = p.partial_acc + (u * S * NH + h) * int64_t(D);  // split s at s * NH * D
+  const int64_t row = (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
+  for (int d = threadIdx.x; d < D; d += kAttnThreads) {
     float sum = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float m = p.partial_stats[((u * S + s) * NH + h) * 2];
-      sum += exp2_approx(m - safe) * p.partial_acc[((u * S + s) * NH + h) * D + d];
-    }
-    const int64_t row = (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
-    out[row * D + d] = from_float<T>(sum * softmax_normalizer(total[h]));
+#pragma unroll 8
+    for (int s = 0; s < S; ++s) sum += stats[s * split_stride] * acc[int64_t(s) * NH * D + d];
+    out[row * D + d] = from_float<T>(sum * softmax_normalizer(total));
   }
 }
 
@@ -310,7 +311,8 @@ void launch_forward(const AttentionArgs& a, AttnParams& p, bool vec, int64_t sha
   kernel<<<grid_of(p.units * p.splits, "gaze_attention"), dim3(kAttnThreads), shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
-    merge_splits_kernel<T, NH><<<grid_of(p.units, "gaze_attention"), dim3(kAttnThreads), 0, stream>>>(p);
+    const dim3 merge_grid = grid_of(p.units * NH, "gaze_attention");  // one block per (unit, head)
+    merge_splits_kernel<T, NH><<<merge_grid, dim3(kAttnThreads), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
