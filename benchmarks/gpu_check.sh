@@ -49,7 +49,8 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and tim
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
   echo "- $($PY -c 'import torch, sys; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| python", sys.version.split()[0])')"
-  echo "- nvcc: $(nvcc --version | tail -1); host compiler: ${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
+  echo "- nvcc: $(nvcc --version | tail -1)"
+  echo "- host compiler: ${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
   echo "- kernel: $(uname -r) (compute-sanitizer refuses the GPU under gVisor, kernel 4.4.0)"
 } > "$REPORT"
 

@@ -32,7 +32,8 @@ namespace gaze::cuda {
 namespace {
 
 template <typename T, bool kVec, int NH>
-__global__ void __launch_bounds__(kAttnThreads, kVec ? 8 : 4) attention_forward_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kAttnThreads, kVec ? 8 : 4)
+    attention_forward_kernel(AttnParams p) {
   using Chunk = RowChunk<T, kVec>;
   // Rows a thread loads before it uses them: 4 from global memory, 2 from the shared tiles
   // (short latency), which keeps the kernel within 64 registers (8 blocks per SM)
@@ -261,6 +262,8 @@ __global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p
   const int D = p.shape.head_dim, S = p.splits;
   const int64_t split_stride = int64_t(NH) * 2;           // partial_stats: [units, S, NH, 2]
   float* stats = p.partial_stats + (u * S * NH + h) * 2;  // (max, sum) of split s at s * stride
+  const int64_t row =
+      (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
   __shared__ float total;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -277,15 +280,12 @@ __global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p
     l = warp_sum(l);
     if (lane == 0) {
       total = l;
-      const int64_t row =
-          (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
       p.lse[row] = softmax_lse(m, l);
     }
   }
   __syncthreads();  // (also makes warp 0's weights in global memory visible to the block)
   T* out = reinterpret_cast<T*>(p.out);
   const float* acc = p.partial_acc + (u * S * NH + h) * int64_t(D);  // split s at s * NH * D
-  const int64_t row = (unit.b * p.shape.q_heads + unit.first_head + h) * int64_t(p.shape.q_len) + unit.i;
   for (int d = threadIdx.x; d < D; d += kAttnThreads) {
     float sum = 0.f;
 #pragma unroll 8
