@@ -157,7 +157,6 @@ __device__ __forceinline__ void load_tile_rows(uint16_t* dst, RowSource row_sour
 template <int D>
 struct TileBlock {
   static_assert(D % 16 == 0, "fragments are loaded 16 columns at a time");
-  static constexpr int kStride = D + kRowPad;  // 16-bit elements per shared row
 
   int64_t b;
   int sel_head, kv_head, first_head, i0;
