@@ -188,22 +188,30 @@ def test_many_splits_and_slots_match_cpu(share_kv):
     torch.testing.assert_close(got[1].cpu(), want[1], atol=2e-5, rtol=2e-5)
 
 
+def split_forward_against_cpu(dtype, qkv, args):
+    """gaze_attention on CUDA (q, k, v there) and on the CPU, compared: (out, lse) of each."""
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    out, lse = ops.gaze_attention(*qkv, *cuda_args)
+    want_out, want_lse = ops.gaze_attention(*[t.cpu() for t in qkv], *args)
+    tol = dict(atol=atol_for(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-5)
+    torch.testing.assert_close(out.cpu(), want_out, **tol)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
+    return out, lse, want_out, want_lse
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_split_kernels_match_cpu(monkeypatch, dtype, case, deterministic):
-    """The split-K forward and backward (atomic, or ordered when deterministic) on the
-    shapes test_cuda_sim runs on the emulator: GQA groups past 8 heads, per-head
-    selection over several KV heads, head dim 256, many slots, rows without unit stride."""
+    """The split-K forward (the streamed kernel where it applies) and backward (atomic, or
+    ordered when deterministic) on the shapes test_cuda_sim runs on the emulator: GQA groups
+    past 8 heads, per-head selection over several KV heads, head dim 256, many slots, rows
+    without unit stride."""
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
     gen, qkv, args = split_case(case, dtype, "cuda")
     cpu_qkv = [t.cpu() for t in qkv]
     cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    out, lse = ops.gaze_attention(*qkv, *cuda_args)
-    want_out, want_lse = ops.gaze_attention(*cpu_qkv, *args)
-    tol = dict(atol=atol_for(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-5)
-    torch.testing.assert_close(out.cpu(), want_out, **tol)
-    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
+    out, lse, want_out, want_lse = split_forward_against_cpu(dtype, qkv, args)
 
     grad = torch.randn(want_out.shape, generator=gen).to(dtype)
     torch.use_deterministic_algorithms(deterministic)
@@ -222,6 +230,15 @@ def test_split_kernels_match_cpu(monkeypatch, dtype, case, deterministic):
         scale = w.float().abs().max().item() + 1.0
         torch.testing.assert_close(g.cpu().float(), w.float(), atol=atol_for(dtype) * scale,
                                    rtol=1e-2 if dtype != torch.float32 else 1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+def test_block_synchronous_forward_matches_cpu(monkeypatch, dtype, case):
+    """GAZE_ATTENTION_KERNEL=split_block: the block-synchronous split-K forward on every
+    case, also where `split` runs the streamed one."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split_block")
+    split_forward_against_cpu(dtype, *split_case(case, dtype, "cuda")[1:])
 
 
 def test_k_and_v_in_different_layouts(monkeypatch):

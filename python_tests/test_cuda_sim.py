@@ -243,22 +243,41 @@ def test_region_topk_with_many_regions_matches_cpu(sim, regions, q_heads, q_len,
 
 # ---------------------------------------------------------- gaze_attention, split-K kernels
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_split_kernels_match_cpu(sim, monkeypatch, dtype, case, deterministic):
-    """Forward (with its split merge) and backward (atomic, or ordered when deterministic)."""
-    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
-    gen, qkv, args = split_case(case, dtype)
-    got = sim.gaze_attention(*qkv, *args)
-    forward_kernels = launched(sim)
-    assert "attention_forward_kernel" in forward_kernels
-    if SPLIT_CASES[case][8] >= 256:  # more slots than one split holds: their merge runs
-        assert "merge_splits_kernel" in forward_kernels
+STREAMED, BLOCK = "attention_streamed_kernel", "attention_forward_kernel"  # the split-K forwards
+
+
+def streamed_forward_applies(case, dtype):
+    """attention_streamed.cu's conditions on SPLIT_CASES[case]: K/V rows read 16 bytes at a
+    time (strided=True pads rows by 3 elements; "last" rows are copied to unit stride first)
+    and at most 32 chunks of 16 bytes (with 8 heads per unit and 16-bit elements, 16: the
+    case with 8 heads per unit has D = 64)."""
+    D, strided = SPLIT_CASES[case][5], SPLIT_CASES[case][-1]
+    row_bytes = D * dtype.itemsize
+    return strided is not True and row_bytes % 16 == 0 and row_bytes <= 32 * 16
+
+
+def assert_forward_matches_cpu(got, dtype, qkv, args):
     out, lse = ops.gaze_attention(*qkv, *args)
     tol = dict(atol=atol_for(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-5)
     torch.testing.assert_close(got[0], out, **tol)
     torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_split_kernels_match_cpu(sim, monkeypatch, dtype, case, deterministic):
+    """Forward (the streamed kernel where it applies, with the split merge) and backward
+    (atomic, or ordered when deterministic)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    gen, qkv, args = split_case(case, dtype)
+    got = sim.gaze_attention(*qkv, *args)
+    forward_kernels = launched(sim)
+    assert (STREAMED if streamed_forward_applies(case, dtype) else BLOCK) in forward_kernels
+    if SPLIT_CASES[case][8] >= 256:  # more slots than one split holds: their merge runs
+        assert "merge_splits_kernel" in forward_kernels
+    out, lse = assert_forward_matches_cpu(got, dtype, qkv, args)
 
     grad = torch.randn(out.shape, generator=gen).to(dtype)
     backward_args = (grad, None, *qkv, out, lse, *args)
@@ -277,6 +296,31 @@ def test_split_kernels_match_cpu(sim, monkeypatch, dtype, case, deterministic):
         scale = w.float().abs().max().item() + 1.0
         torch.testing.assert_close(g.float(), w.float(), atol=atol_for(dtype) * scale,
                                    rtol=1e-2 if dtype != torch.float32 else 1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+def test_block_synchronous_forward_matches_cpu(sim, monkeypatch, dtype, case):
+    """GAZE_ATTENTION_KERNEL=split_block: the block-synchronous forward on every case, also
+    where `split` would run the streamed one."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split_block")
+    _, qkv, args = split_case(case, dtype)
+    got = sim.gaze_attention(*qkv, *args)
+    assert BLOCK in launched(sim)
+    assert_forward_matches_cpu(got, dtype, qkv, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streamed_forward_over_several_position_batches(sim, monkeypatch, dtype):
+    """One split of 700 slots' keys (3 splits, the fewest that hold them): each split's
+    warps stream ~1,400 keys, past the 1,024 positions the block publishes at a
+    time."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    monkeypatch.setenv("GAZE_SPLITS", "1")
+    _, qkv, args = split_case(3, dtype)
+    got = sim.gaze_attention(*qkv, *args)
+    assert launched(sim) == {STREAMED, "merge_splits_kernel"}
+    assert_forward_matches_cpu(got, dtype, qkv, args)
 
 
 def test_split_forward_without_room_for_its_tiles(sim, monkeypatch):
@@ -348,7 +392,7 @@ def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
     assert layout.fixed_tokens.shape[-1] + 8 * K < 128  # plan_splits: one split's worth of work
     kernels, backward_args, want = split_forward_against_cpu(sim, gen, layout,
                                                              (B, Hq, Hkv, Lq, N, D), K)
-    assert kernels == {"attention_forward_kernel"}
+    assert kernels == {STREAMED}
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         try:
@@ -371,8 +415,7 @@ def test_forced_split_counts_match_cpu(sim, monkeypatch, splits):
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
     kernels, backward_args, want = split_forward_against_cpu(sim, gen, layout,
                                                              (B, Hq, Hkv, Lq, N, D), K)
-    assert kernels == ({"attention_forward_kernel"} if splits == "1"
-                       else {"attention_forward_kernel", "merge_splits_kernel"})
+    assert kernels == ({STREAMED} if splits == "1" else {STREAMED, "merge_splits_kernel"})
     for name, g, w in zip(("dq", "dk", "dv"), sim.gaze_attention_backward(*backward_args), want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -555,7 +598,7 @@ def test_kernels_with_k_and_v_in_different_layouts(sim, monkeypatch):
         scale = w.float().abs().max().item() + 1.0
         torch.testing.assert_close(g.float(), w.float(), atol=atol_for(torch.bfloat16) * scale,
                                    rtol=1e-2, msg=name)
-    assert {"attention_forward_kernel", "attention_backward_kernel"} <= launched(sim)
+    assert {STREAMED, "attention_backward_kernel"} <= launched(sim)
     assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos, qkv)
 
 
@@ -567,7 +610,7 @@ def test_auto_choice_of_kernels(sim, monkeypatch):
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=12)
     kv = [torch.randn(B, Hkv, N, D, generator=gen).bfloat16() for _ in range(2)]
     lay = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens)
-    for Lq, kernel in ((64, "attention_forward_tiled_kernel"), (1, "attention_forward_kernel")):
+    for Lq, kernel in ((64, "attention_forward_tiled_kernel"), (1, STREAMED)):
         q = torch.randn(B, Hq, Lq, D, generator=gen).bfloat16()
         idx = random_selection(gen, (B, Hkv, Lq, 6), layout.num_regions)
         sim.gaze_attention(q, *kv, *lay, idx, None, 0.1)
@@ -592,7 +635,8 @@ def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, 
     desc = sim.region_pool(k, ptr, tokens)
     sim.region_pool_backward(torch.ones_like(desc), ptr, tokens, N)
     q_pos = torch.randint(-1, N + 1, (B, Lq), generator=gen, dtype=torch.int32)
-    kernels = ["split"] + (["tensor_core"] if dtype != torch.float32 and D % 8 == 0 and not strided else [])
+    kernels = ["split", "split_block"]
+    kernels += ["tensor_core"] if dtype != torch.float32 and D % 8 == 0 and not strided else []
     for share in (True, False):
         for topk in (3, R + 4):
             idx, _ = sim.region_topk(q, desc, ptr, topk, share, q_pos, layout.region_pos)
@@ -611,8 +655,10 @@ def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, 
                     finally:
                         torch.use_deterministic_algorithms(False)
                     assert all(torch.isfinite(g.float()).all() for g in grads)
-    expected = {"pool_kernel", "pool_backward_kernel", "topk_kernel", "attention_forward_kernel",
+    expected = {"pool_kernel", "pool_backward_kernel", "topk_kernel", BLOCK,
                 "attention_backward_kernel", "attention_backward_ordered_kernel"}
+    if not strided and D * dtype.itemsize % 16 == 0:
+        expected.add(STREAMED)
     if "tensor_core" in kernels:
         expected |= {"attention_forward_tiled_kernel", "attention_backward_tiled_kernel",
                      "selection_keys_kernel", "region_keys_backward_kernel"}

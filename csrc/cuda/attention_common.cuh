@@ -11,6 +11,10 @@
 // and of the selection slots.
 #pragma once
 
+#include <c10/util/FunctionRef.h>
+
+#include <type_traits>
+
 #include "../common/op_args.h"
 #include "cuda_common.cuh"
 
@@ -56,7 +60,7 @@ void fill_backward_operands(const AttentionBackwardArgs& args, const at::Tensor&
 struct AttnParams : AttentionOperands, BackwardOperands {
   int head_chunks;       // query-head chunks per selection head (shared selection, G > NH)
   int splits;
-  int lanes;             // lanes per K row in the scoring step
+  int lanes;             // lanes per K row in the scoring step (per V row in the streamed P V)
   int64_t units;
 
   // forward outputs
@@ -183,8 +187,42 @@ struct KeyStream {
   }
 };
 
+// query[h][d] = (row i of query head first_head + h) * score_scale for the unit's heads, zeros
+// for h in [num_heads, NH): [NH][D] float32 in shared memory. Every thread of the block calls it.
+template <typename T>
+__device__ void load_unit_query(const AttnParams& p, const Unit& unit, int NH, float* query) {
+  const T* q = reinterpret_cast<const T*>(p.q);
+  const int D = p.shape.head_dim;
+  for (int e = threadIdx.x; e < NH * D; e += blockDim.x) {
+    const int h = e / D, d = e % D;
+    query[e] = h < unit.num_heads
+                   ? to_float(q[p.qs.offset(unit.b, unit.first_head + h, unit.i) + d]) * p.score_scale
+                   : 0.f;
+  }
+}
+
 inline int num_heads_per_unit_template(int heads) {
   return heads <= 1 ? 1 : heads <= 2 ? 2 : heads <= 4 ? 4 : 8;
+}
+
+// dst[0, N) = src[0, N) from shared memory, 16 bytes at a time when N is a multiple of 4 (src
+// then 16-byte aligned): the compiler cannot see the alignment of a runtime offset and would
+// load each float alone.
+template <int N>
+__device__ __forceinline__ void load_shared_floats(const float* src, float (&dst)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < N; e += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(src + e);
+      dst[e] = f.x;
+      dst[e + 1] = f.y;
+      dst[e + 2] = f.z;
+      dst[e + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = src[e];
+  }
 }
 
 // partial[h] += vecs[h][c * C : (c + 1) * C] . x for the NH rows of vecs [NH][D]: one
@@ -194,8 +232,10 @@ __device__ __forceinline__ void dot_chunk_heads(const float* vecs, int D, int c,
                                                 float (&partial)[NH]) {
 #pragma unroll
   for (int h = 0; h < NH; ++h) {
+    float v[C];
+    load_shared_floats<C>(vecs + h * D + c * C, v);
 #pragma unroll
-    for (int e = 0; e < C; ++e) partial[h] += vecs[h * D + c * C + e] * x[e];
+    for (int e = 0; e < C; ++e) partial[h] += v[e] * x[e];
   }
 }
 
@@ -214,11 +254,40 @@ __device__ __forceinline__ void add_subset_sums(const float* sums, int owners, i
   }
 }
 
+// GAZE_ATTENTION_KERNEL=auto (default) | tensor_core | split | split_block: which kernels run
+// where several apply (the tests run each). split: the split-K family (attention_streamed.cu's
+// forward where it applies); split_block: the split-K family with the block-synchronous
+// forward everywhere, for comparing the two forwards. Host side (attention_forward.cu).
+enum class KernelChoice { kAuto, kTensorCore, kSplit, kSplitBlock };
+KernelChoice attention_kernel_choice();
+
 // Host side (attention_forward.cu): the work decomposition. plan_units sets the units and
 // returns the heads per unit NH; plan_splits then sets the splits per unit for a kernel of
 // which resident_per_sm blocks fit on a multiprocessor.
 int plan_units(const AttentionArgs& a, AttnParams& p);
 void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resident_per_sm);
+
+// f(std::integral_constant<int, NH>{}) for the heads per unit that plan_units returned.
+template <typename F>
+void dispatch_heads_per_unit(int NH, F&& f) {
+  switch (NH) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// Host side (attention_forward.cu): with p.splits > 1, allocates the splits' partial states
+// and points p at them; calls launch_splits(), which launches one block per (unit, split) on
+// the current stream; then merges the splits into out and lse.
+void run_split_forward(const AttentionArgs& a, AttnParams& p, int NH,
+                       c10::function_ref<void()> launch_splits);
+
+// attention_streamed.cu: the forward whose warps stream their own keys. Plans the splits and
+// launches when it applies to these arguments (16-byte K/V rows, head dim and heads within
+// its registers, its tiles within shared memory), else returns false.
+bool run_streamed_forward(const AttentionArgs& a, AttnParams& p, int NH);
 
 // attention_tiled.cu: the tensor-core kernels for many query rows. Each launches
 // and returns true when it applies to these arguments (fp16/bf16, head dim 64, 80,

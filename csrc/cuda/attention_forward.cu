@@ -1,6 +1,8 @@
 // CUDA gaze_attention forward: split-K gathered attention (flash-decoding), for
 // decode steps and whatever the tensor-core kernel (attention_tiled.cu)
-// does not take.
+// does not take. The host side picks the kernel; this file's block-synchronous
+// kernel takes what the streamed one (attention_streamed.cu) does not: rows that
+// cannot be read 16 bytes at a time, head dims past its registers or shared memory.
 //
 // Each thread block runs one split of one unit (see attention_common.cuh) in
 // steps of kKeyBatch keys:
@@ -21,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "../common/dispatch.h"
@@ -56,17 +59,11 @@ __global__ void __launch_bounds__(kAttnThreads, kVec ? 8 : 4)
   const Unit unit = decode_unit(p, u, NH);
   const LayoutView& layout = p.layout;
   const int32_t limit = p.q_pos ? p.q_pos[unit.b * p.shape.q_len + unit.i] : kNoCausalLimit;
-  const T* q = reinterpret_cast<const T*>(p.q);
   const T* k = reinterpret_cast<const T*>(p.k) + p.ks.offset(unit.b, unit.kv_head, 0);
   const T* v = reinterpret_cast<const T*>(p.v) + p.vs.offset(unit.b, unit.kv_head, 0);
 
-  for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) {
-    const int h = e / D, d = e % D;
-    query[e] = h < unit.num_heads
-                   ? to_float(q[p.qs.offset(unit.b, unit.first_head + h, unit.i) + d]) * p.score_scale
-                   : 0.f;
-    acc[e] = 0.f;
-  }
+  load_unit_query<T>(p, unit, NH, query);
+  for (int e = threadIdx.x; e < NH * D; e += kAttnThreads) acc[e] = 0.f;
   if (threadIdx.x < NH) {
     row_max[threadIdx.x] = kNegInf;
     row_sum[threadIdx.x] = 0.f;
@@ -300,21 +297,9 @@ void launch_forward(const AttentionArgs& a, AttnParams& p, bool vec, int64_t sha
   auto kernel = vec ? attention_forward_kernel<T, true, NH> : attention_forward_kernel<T, false, NH>;
   allow_dynamic_shared(kernel, shared);
   plan_splits(a, p, 64, resident_blocks(kernel, kAttnThreads, shared));
-  at::Tensor stats, partial;  // the splits' (max, sum) and accumulators
-  if (p.splits > 1) {
-    const auto options = a.q.options().dtype(at::kFloat);
-    stats = at::empty({p.units, p.splits, NH, 2}, options);
-    partial = at::empty({p.units, p.splits, NH, a.shape.head_dim}, options);
-    p.partial_stats = stats.data_ptr<float>();
-    p.partial_acc = partial.data_ptr<float>();
-  }
-  kernel<<<grid_of(p.units * p.splits, "gaze_attention"), dim3(kAttnThreads), shared, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1) {
-    const dim3 merge_grid = grid_of(p.units * NH, "gaze_attention");  // one block per (unit, head)
-    merge_splits_kernel<T, NH><<<merge_grid, dim3(kAttnThreads), 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  run_split_forward(a, p, NH, [&] {
+    kernel<<<grid_of(p.units * p.splits, "gaze_attention"), dim3(kAttnThreads), shared, stream>>>(p);
+  });
 }
 
 }  // namespace
@@ -372,6 +357,41 @@ void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resi
   p.splits = int(splits);
 }
 
+void run_split_forward(const AttentionArgs& a, AttnParams& p, int NH,
+                       c10::function_ref<void()> launch_splits) {
+  at::Tensor stats, partial;  // the splits' (max, sum) and accumulators
+  if (p.splits > 1) {
+    const auto options = a.q.options().dtype(at::kFloat);
+    stats = at::empty({p.units, p.splits, NH, 2}, options);
+    partial = at::empty({p.units, p.splits, NH, a.shape.head_dim}, options);
+    p.partial_stats = stats.data_ptr<float>();
+    p.partial_acc = partial.data_ptr<float>();
+  }
+  launch_splits();
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits == 1) return;
+  const dim3 grid = grid_of(p.units * NH, "gaze_attention");  // one block per (unit, head)
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_types(a.q.scalar_type(), "gaze_attention", [&](auto tag) {
+    using T = native_t<decltype(tag)>;
+    dispatch_heads_per_unit(NH, [&](auto heads) {
+      constexpr int kHeads = decltype(heads)::value;
+      merge_splits_kernel<T, kHeads><<<grid, dim3(kAttnThreads), 0, stream>>>(p);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+KernelChoice attention_kernel_choice() {
+  const char* env = std::getenv("GAZE_ATTENTION_KERNEL");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return KernelChoice::kAuto;
+  if (std::strcmp(env, "tensor_core") == 0) return KernelChoice::kTensorCore;
+  if (std::strcmp(env, "split") == 0) return KernelChoice::kSplit;
+  if (std::strcmp(env, "split_block") == 0) return KernelChoice::kSplitBlock;
+  TORCH_CHECK(false, "GAZE_ATTENTION_KERNEL must be auto, tensor_core, split or split_block, not '",
+              env, "'");
+}
+
 void fill_operands(const AttentionArgs& a, AttentionOperands& p) {
   p.q = a.q.data_ptr();
   p.k = a.k.data_ptr();
@@ -405,6 +425,9 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
   const int NH = plan_units(a, p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  if (attention_kernel_choice() != KernelChoice::kSplitBlock && run_streamed_forward(a, p, NH)) {
+    return {out, lse};
+  }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(q.scalar_type(), "gaze_attention", [&](auto tag) {
     using T = native_t<decltype(tag)>;
@@ -420,12 +443,9 @@ std::tuple<at::Tensor, at::Tensor> gaze_attention_cuda(
     if (vec) shared += tiles;
     TORCH_CHECK(shared <= limit, "gaze.gaze_attention: head dim ", D, " is too large for the CUDA kernel");
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
-    switch (NH) {
-      case 1: launch_forward<T, 1>(a, p, vec, shared, stream); break;
-      case 2: launch_forward<T, 2>(a, p, vec, shared, stream); break;
-      case 4: launch_forward<T, 4>(a, p, vec, shared, stream); break;
-      default: launch_forward<T, 8>(a, p, vec, shared, stream); break;
-    }
+    dispatch_heads_per_unit(NH, [&](auto heads) {
+      launch_forward<T, decltype(heads)::value>(a, p, vec, shared, stream);
+    });
   });
   return {out, lse};
 }

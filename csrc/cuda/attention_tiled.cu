@@ -37,8 +37,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -876,18 +874,6 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   }
 }
 
-enum class TiledChoice { kAuto, kTensorCore, kSplit };
-
-// GAZE_ATTENTION_KERNEL=auto (default) | tensor_core | split: which kernels run
-// when both apply (the tests run each).
-TiledChoice tiled_choice() {
-  const char* env = std::getenv("GAZE_ATTENTION_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return TiledChoice::kAuto;
-  if (std::strcmp(env, "tensor_core") == 0) return TiledChoice::kTensorCore;
-  if (std::strcmp(env, "split") == 0) return TiledChoice::kSplit;
-  TORCH_CHECK(false, "GAZE_ATTENTION_KERNEL must be auto, tensor_core or split, not '", env, "'");
-}
-
 int next_pow2(int x) {
   int p = 1;
   while (p < x) p *= 2;
@@ -900,8 +886,8 @@ bool rows_aligned(const at::Tensor& t) {  // every [.., D] row 16-byte aligned
 
 // The tile plan for these arguments into p, or false when the tensor-core kernels do not apply.
 bool plan_tiles(const AttentionArgs& a, TileParams& p) {
-  const TiledChoice choice = tiled_choice();
-  if (choice == TiledChoice::kSplit) return false;
+  const KernelChoice choice = attention_kernel_choice();
+  if (choice == KernelChoice::kSplit || choice == KernelChoice::kSplitBlock) return false;
   const AttentionShape& S = a.shape;
   const at::ScalarType dtype = a.q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
@@ -910,7 +896,7 @@ bool plan_tiles(const AttentionArgs& a, TileParams& p) {
   if (heads > kTileRows || S.topk > kMaxEntries) return false;
   const int by_entries = S.topk > 0 ? kMaxEntries / S.topk : kTileRows;  // K = 0: fixed tokens only
   const int positions = std::min({kTileRows / heads, by_entries, S.q_len});
-  if (choice == TiledChoice::kAuto && positions * heads < kMinRowsAuto) {
+  if (choice == KernelChoice::kAuto && positions * heads < kMinRowsAuto) {
     const int64_t tiles = int64_t(S.batch) * S.sel_heads * ceil_div(S.q_len, positions);
     const bool many_tiles = tiles >= int64_t(kManyTilesPerSM) * multiprocessor_count();
     if (positions * heads < kMinRowsManyTiles || !many_tiles) return false;
