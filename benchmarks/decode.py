@@ -62,9 +62,11 @@ OTHER_DTYPES = {"cpu": ("bfloat16", "float16"), "cuda": ()}
 # CUDA: attention_shared again with each of these splits per unit (GAZE_SPLITS) instead of
 # the plan's, to see whether the plan picks well
 SPLIT_SWEEP = {"cpu": (), "cuda": (1, 2, 4, 8, 16, 32, 64)}
-# CUDA: attention_{mode} again with the block-synchronous split-K forward instead of the
-# streamed one (GAZE_ATTENTION_KERNEL=split_block), to compare the two
-BLOCK_FORWARD = {"cpu": False, "cuda": True}
+# CUDA: each op again with the kernel its plan replaced, to compare them in one run:
+# attention_{mode}_block (GAZE_ATTENTION_KERNEL=split_block: the block-synchronous forward
+# instead of the streamed one) and topk_{mode}_one_block (GAZE_TOPK_SCORING_BLOCKS=1: each row
+# scored by its selecting block alone, without scoring_kernel)
+ALTERNATIVES = {"cpu": False, "cuda": True}
 
 
 def padded_regions(layout) -> torch.Tensor:
@@ -182,9 +184,11 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
             q, k, v, layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx)
         variants[f"torch_gather_{mode}"] = lambda idx=idx: torch_gather_attention(
             q, k, v, layout.fixed_tokens, regions, idx)
-        if BLOCK_FORWARD[device]:
+        if ALTERNATIVES[device]:
             variants[f"attention_{mode}_block"] = with_env(
                 "GAZE_ATTENTION_KERNEL", "split_block", variants[f"attention_{mode}"])
+            variants[f"topk_{mode}_one_block"] = with_env(
+                "GAZE_TOPK_SCORING_BLOCKS", "1", variants[f"topk_{mode}"])
     # The shared step's fixed tokens padded with -1 to the cache's length, as a cache that
     # sized its fixed list by its capacity would pass them: the split-K kernel walks padding
     # entries as it walks keys (GazeKVCache sizes the list by the steps left instead).
@@ -220,7 +224,8 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                              (f"torch_gather_{mode}", attn_bytes), (f"flex_{mode}", attn_bytes),
                              (f"flex_mask_{mode}", None),
                              (f"attention_{mode}_padded_fixed", attn_bytes),
-                             (f"attention_{mode}_block", attn_bytes)):
+                             (f"attention_{mode}_block", attn_bytes),
+                             (f"topk_{mode}_one_block", topk_bytes)):
             if name not in times:
                 continue
             row = dict(variant=name, ms=times[name] * 1e3, speedup=dense / times[name])
@@ -316,13 +321,17 @@ def report(result: Dict[str, object]) -> str:
                      f"{padded['valid']} valid) takes {padded['cost']:.2f}x the time (the CUDA "
                      "split-K kernel walks padding entries like keys; GazeKVCache sizes the "
                      "list by the steps left)")
-    rows = {r["variant"]: r["ms"] for r in result["rows"]}
+    ms = {r["variant"]: r["ms"] for r in result["rows"]}
     for mode in ("shared", "per_head"):
-        if f"attention_{mode}_block" in rows:
-            lines.append(f"- `attention_{mode}_block`: the block-synchronous split-K forward "
-                         "(GAZE_ATTENTION_KERNEL=split_block) takes "
-                         f"{rows[f'attention_{mode}_block'] / rows[f'attention_{mode}']:.2f}x "
-                         f"the time of the streamed one, which `attention_{mode}` runs")
+        for op, suffix, alternative, planned in (
+                ("attention", "block", "the block-synchronous split-K forward "
+                 "(GAZE_ATTENTION_KERNEL=split_block)", "the streamed one"),
+                ("topk", "one_block", "region_topk with one block per row "
+                 "(GAZE_TOPK_SCORING_BLOCKS=1)", "the plan's scoring blocks")):
+            name = f"{op}_{mode}_{suffix}"
+            if name in ms:
+                lines.append(f"- `{name}`: {alternative} takes "
+                             f"{ms[name] / ms[f'{op}_{mode}']:.2f}x the time of {planned}")
     sweep = result.get("split_sweep")
     if sweep:
         auto = next(r["ms"] for r in result["rows"] if r["variant"] == "attention_shared") * 1e3

@@ -30,6 +30,8 @@ def quick_timing(monkeypatch):
 def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     monkeypatch.setattr(decode, "CPU_SHAPE", decode.DecodeShape(1, 4, 2, 16, 2, 7, 5, 9, (1, 3, 3),
                                                                 0.25, "float32"))
+    # the CUDA run's rows for the kernels the plans replaced (the CPU ignores their variables)
+    monkeypatch.setitem(decode.ALTERNATIVES, "cpu", True)
     assert decode.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "decode-cpu.json").read_text())
     text = (tmp_path / "decode-cpu.md").read_text()
@@ -47,6 +49,9 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     assert "attention_shared_padded_fixed" in variants
     assert result["padded_fixed"]["valid"] < result["padded_fixed"]["entries"] == result["keys"]
     assert "padded with -1 to the cache's length" in text
+    assert {"attention_shared_block", "topk_per_head_one_block"} <= variants
+    assert "- `attention_shared_block`: the block-synchronous split-K forward" in text
+    assert "- `topk_per_head_one_block`: region_topk with one block per row" in text
     assert result["split_sweep"] == []  # GAZE_SPLITS is for the CUDA kernels
     result.update(bandwidth_target=0.7, floor_bandwidth="copy")  # as a CUDA run reports it
     result["verdicts"]["attention_bandwidth"] = "MISS"

@@ -151,8 +151,11 @@ def test_head_dims(dtype, head_dim):
         error_bound_check(f"d{name}", got.grad.cpu(), r.grad, s.grad, 3.0, atol_for(dtype))
 
 
-def test_topk_scratch_paths_match_cpu():
-    """Keys and sort buffer past shared memory go to global scratch."""
+@pytest.mark.parametrize("scoring_blocks", ["1", "0"])
+def test_topk_scratch_paths_match_cpu(monkeypatch, scoring_blocks):
+    """Keys and sort buffer past shared memory go to global scratch; the 4 rows scored by one
+    block each, and by the plan's several (scoring_kernel)."""
+    monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", scoring_blocks)
     q, desc, ptr = topk_many_regions(4, 30000, q_heads=2, q_len=2)
     for k in (300, 16000):
         got = ops.region_topk(q.cuda(), desc.cuda(), ptr.cuda(), k, False)
@@ -166,6 +169,23 @@ def test_topk_rows_past_one_launch_match_cpu():
     q, desc, ptr = topk_many_regions(5, 65536, q_heads=2, q_len=350)
     got = ops.region_topk(q.cuda(), desc.cuda(), ptr.cuda(), 65536, False)
     want = ops.region_topk(q, desc, ptr, 65536, False)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("scoring_blocks", ["1", "0", "5"])
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_decode_topk_with_each_scoring_plan_matches_cpu(monkeypatch, scoring_blocks, share_kv):
+    """A decode step's selection (B x Hkv rows, bf16 descriptors): scored by the selecting
+    block itself, by the plan's scoring blocks per row, and by 5. Small integers: exact
+    scores whatever the summation order, many ties for the tie rule."""
+    monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", scoring_blocks)
+    gen = generator(41)
+    B, Hq, Hkv, D, K = 2, 8, 2, 128, 20
+    layout = gaze_ext.build_layout([(0, 4, 12, 12)], 700, region_shape=(1, 3, 3))
+    q = torch.randint(-3, 4, (B, Hq, 1, D), generator=gen).bfloat16()
+    desc = torch.randint(-3, 4, (B, Hkv, layout.num_regions, D), generator=gen).bfloat16()
+    want = ops.region_topk(q, desc, layout.region_ptr, K, share_kv)
+    got = ops.region_topk(q.cuda(), desc.cuda(), layout.region_ptr.cuda(), K, share_kv)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 

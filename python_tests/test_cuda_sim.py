@@ -209,8 +209,11 @@ def test_region_pool_skips_tokens_out_of_range(sim):
 @pytest.mark.parametrize("share_kv", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("k", [1, 5, 40, 1000])
-def test_region_topk_matches_cpu(sim, share_kv, causal, k):
-    """Small integer values, so many scores tie and the tie rule decides; k beyond R."""
+@pytest.mark.parametrize("scoring_blocks", ["0", "3"])
+def test_region_topk_matches_cpu(sim, monkeypatch, share_kv, causal, k, scoring_blocks):
+    """Small integer values, so many scores tie and the tie rule decides; k beyond R. With
+    the plan (one block per row: the regions are few) and with 3 scoring blocks per row."""
+    monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", scoring_blocks)
     gen = generator(200 + k)
     B, Hq, Hkv, Lq, N, D = 2, 8, 2, 3, 300, 16
     layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=10)
@@ -219,7 +222,8 @@ def test_region_topk_matches_cpu(sim, share_kv, causal, k):
     pos = (q_positions(gen, B, Lq, N), layout.region_pos) if causal else (None, None)
     args = (q, desc, layout.region_ptr, k, share_kv, *pos)
     got, want = sim.region_topk(*args), ops.region_topk(*args)
-    assert launched(sim) == {"topk_kernel"}
+    assert launched(sim) == ({"topk_kernel"} if scoring_blocks == "0"
+                             else {"scoring_kernel", "topk_kernel"})
     assert torch.equal(got[0], want[0])
     assert_scores_equal(got[1], want[1])
 
@@ -230,15 +234,26 @@ def test_region_topk_matches_cpu(sim, share_kv, causal, k):
     (30000, 2, 3, False, (300, 16000), (1, 2)),
     (65536, 4, 1, True, (256, 65536), (1, 2)),   # the contract's bounds, shared over a GQA group
 ])
-def test_region_topk_with_many_regions_matches_cpu(sim, regions, q_heads, q_len, share_kv, ks,
-                                                   launches):
+@pytest.mark.parametrize("scoring_blocks", ["1", "0"])
+def test_region_topk_with_many_regions_matches_cpu(sim, monkeypatch, regions, q_heads, q_len,
+                                                   share_kv, ks, launches, scoring_blocks):
+    """Forced to one block per row, and with the plan, which takes several scoring blocks for
+    these few rows (each launch of topk_kernel then follows one of scoring_kernel)."""
+    monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", scoring_blocks)
     q, desc, ptr = topk_many_regions(4, regions, q_heads, q_len)
     for k, count in zip(ks, launches):
         got = sim.region_topk(q, desc, ptr, k, share_kv, None, None)
-        assert len(sim.take_launched_kernels()) == count
+        assert len(sim.take_launched_kernels()) == count * (1 if scoring_blocks == "1" else 2)
         want = ops.region_topk(q, desc, ptr, k, share_kv)
         assert torch.equal(got[0], want[0])
         assert_scores_equal(got[1], want[1])
+
+
+def test_forced_scoring_block_count_must_be_a_number(sim, monkeypatch):
+    monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", "-2")
+    q, desc, ptr = topk_many_regions(1, 10, 2, 1)
+    with pytest.raises(RuntimeError, match="GAZE_TOPK_SCORING_BLOCKS must be a number"):
+        sim.region_topk(q, desc, ptr, 3, False, None, None)
 
 
 # ---------------------------------------------------------- gaze_attention, split-K kernels

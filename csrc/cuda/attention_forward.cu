@@ -315,22 +315,6 @@ int plan_units(const AttentionArgs& a, AttnParams& p) {
   return NH;
 }
 
-namespace {
-
-// GAZE_SPLITS=n (n >= 1): n splits per unit instead of the plan's, within what the kernel
-// takes; for measuring the plan (the decode benchmark sweeps it). Unset or 0: the plan.
-int forced_splits() {
-  const char* env = std::getenv("GAZE_SPLITS");
-  if (env == nullptr || *env == '\0') return 0;
-  char* end = nullptr;
-  const long n = std::strtol(env, &end, 10);
-  TORCH_CHECK(*end == '\0' && n >= 0 && n <= (1 << 20),
-              "GAZE_SPLITS must be a number of splits per unit (0: planned), not '", env, "'");
-  return int(n);
-}
-
-}  // namespace
-
 void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resident_per_sm) {
   const AttentionShape& S = a.shape;
   // Splits whose blocks fill whole waves of resident blocks. A call's blocks stream about as
@@ -352,7 +336,9 @@ void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resi
   for (int64_t s = 1; s <= most; ++s) best = std::max(best, fill(s));
   int64_t splits = 1;
   while (splits < most && fill(splits) < 0.9 * best) ++splits;
-  if (const int forced = forced_splits(); forced > 0) splits = std::min(forced, max_splits);
+  // GAZE_SPLITS=n (n >= 1): n splits per unit, within what the kernels take; for measuring
+  // the plan (the decode benchmark sweeps it)
+  if (const int forced = forced_count("GAZE_SPLITS"); forced > 0) splits = std::min(forced, max_splits);
   splits = std::max<int64_t>(splits, ceil_div(S.topk, kMaxSlots));
   p.splits = int(splits);
 }

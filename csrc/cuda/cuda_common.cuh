@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -270,6 +271,19 @@ int resident_blocks(Kernel kernel, int threads, int64_t shared) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The count in environment variable `name` (a number >= 0; unset or empty: 0), with which a
+// kernel's plan is overridden to measure it against forced values (GAZE_SPLITS,
+// GAZE_TOPK_SCORING_BLOCKS). 0 means: the plan.
+inline int forced_count(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 0 && n <= (1 << 20), name,
+              " must be a number (0: planned), not '", env, "'");
+  return int(n);
+}
 
 // A 1-D grid of `blocks` thread blocks (CUDA allows up to 2^31 - 1 in x).
 inline dim3 grid_of(int64_t blocks, const char* op) {

@@ -9,6 +9,10 @@
 //   5. they are ordered by the shared 64-bit selection key (score descending, region
 //      ascending), exactly the CPU order: by counting each key's rank when there are
 //      few, else by a bitonic sort.
+// With few rows (a decode step: one per batch element and KV head) one block per row
+// would leave most of the GPU idle while it reads the row's descriptors, so steps 1-2 run
+// first in scoring_kernel, several blocks per row, each scoring a share of the regions
+// into a global buffer; topk_kernel then starts at step 3.
 // Keys and the sort buffer live in shared memory when they fit, else in a
 // global scratch buffer; nothing depends on the data on the host (no sync).
 #include <ATen/core/Tensor.h>
@@ -47,8 +51,10 @@ struct TopkParams {
   AttentionShape shape;
   int lanes;             // lanes per descriptor row
   int sort_size;         // power of two >= min(k, R)
+  int scoring_blocks;    // blocks of scoring_kernel per row; 1: topk_kernel scores its row
   bool keys_in_shared, sort_in_shared;
-  uint32_t* key_scratch;   // [rows in launch, R] when not in shared memory
+  uint32_t* key_scratch;   // [rows in launch, R]: scoring_kernel's keys, or topk_kernel's
+                           // when they do not fit in its shared memory
   uint64_t* sort_scratch;  // [rows in launch, sort_size] when not in shared memory
   int64_t first_row;
   int32_t* idx_out;   // [B, Hs, Lq, k]
@@ -97,65 +103,69 @@ __device__ __forceinline__ int block_count(int local, int* shared_total) {
   return *shared_total;
 }
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
-  using Chunk = RowChunk<T, kVec>;
-  constexpr int C = Chunk::kChunk;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ uint32_t histogram[256];
-  __shared__ int counters[4];  // candidates, taken, equal-rank base, scratch
-  __shared__ uint32_t select_prefix, select_remaining;
+// The query row a block works for.
+struct TopkRow {
+  int64_t b;
+  int hs, i;
+  int hk;         // its KV head: the descriptors it scores
+  int32_t limit;  // causal limit
+};
 
+__device__ __forceinline__ TopkRow topk_row(const TopkParams& p, int64_t row) {
   const AttentionShape& S = p.shape;
-  const LayoutView& layout = p.layout;
-  const int R = layout.num_regions, D = S.head_dim, K = S.topk, G = S.group();
-  const bool shared_sel = S.sel_heads == S.kv_heads;
-  const int64_t row = p.first_row + blockIdx.x;
-  const int64_t b = row / (int64_t(S.sel_heads) * S.q_len);
-  const int hs = int((row / S.q_len) % S.sel_heads);
-  const int i = int(row % S.q_len);
-  const int hk = shared_sel ? hs : hs / G;
-  const int32_t limit = p.q_pos ? p.q_pos[b * S.q_len + i] : kNoCausalLimit;
+  TopkRow r;
+  r.b = row / (int64_t(S.sel_heads) * S.q_len);
+  r.hs = int((row / S.q_len) % S.sel_heads);
+  r.i = int(row % S.q_len);
+  r.hk = S.sel_heads == S.kv_heads ? r.hs : r.hs / S.group();
+  r.limit = p.q_pos ? p.q_pos[r.b * S.q_len + r.i] : kNoCausalLimit;
+  return r;
+}
 
-  float* query = reinterpret_cast<float*>(smem_raw);
-  uint32_t* keys = p.keys_in_shared ? reinterpret_cast<uint32_t*>(query + D)
-                                    : p.key_scratch + int64_t(blockIdx.x) * R;
-  uint64_t* sorted =
-      p.sort_in_shared
-          ? reinterpret_cast<uint64_t*>(smem_raw + ((D + (p.keys_in_shared ? R : 0)) * 4 + 15) / 16 * 16)
-          : p.sort_scratch + int64_t(blockIdx.x) * p.sort_size;
-  if (threadIdx.x < 4) counters[threadIdx.x] = 0;
-
-  // 1. the query, summed over the group's heads for a shared selection
+// 1. query[D] = the row's query, summed over the group's heads for a shared selection;
+// ends with a barrier.
+template <typename T>
+__device__ void load_topk_query(const TopkParams& p, const TopkRow& row, float* query) {
+  const AttentionShape& S = p.shape;
+  const int G = S.group();
   const T* q = reinterpret_cast<const T*>(p.q);
-  for (int d = threadIdx.x; d < D; d += kThreads) {
+  for (int d = threadIdx.x; d < S.head_dim; d += kThreads) {
     float s = 0.f;
-    if (shared_sel) {
-      for (int g = 0; g < G; ++g) s += to_float(q[p.qs.offset(b, hs * G + g, i) + d]);
+    if (S.sel_heads == S.kv_heads) {
+      for (int g = 0; g < G; ++g) s += to_float(q[p.qs.offset(row.b, row.hs * G + g, row.i) + d]);
     } else {
-      s = to_float(q[p.qs.offset(b, hs, i) + d]);
+      s = to_float(q[p.qs.offset(row.b, row.hs, row.i) + d]);
     }
     query[d] = s;
   }
   __syncthreads();
+}
 
-  // 2. one order key per region; groups of `lanes` lanes share a descriptor row, and each
-  // group loads kRowsInFlight rows' chunks before it uses them, so their loads overlap (a
-  // decode step has few rows: one block per row has to keep many loads in flight)
+// 2. keys[r] for the regions r of [r_begin, r_end): the order key of the row's score, 0
+// when not selectable. Groups of `lanes` lanes share a descriptor row, and each group loads
+// kRowsInFlight rows' chunks before it uses them, so their loads overlap.
+template <typename T, bool kVec>
+__device__ void score_regions(const TopkParams& p, const TopkRow& row, const float* query,
+                              int r_begin, int r_end, uint32_t* keys) {
+  using Chunk = RowChunk<T, kVec>;
+  constexpr int C = Chunk::kChunk;
+  const AttentionShape& S = p.shape;
   const T* desc = reinterpret_cast<const T*>(p.desc);
   const int lane = threadIdx.x % 32, sub = lane % p.lanes, group = lane / p.lanes;
-  const int groups_per_warp = 32 / p.lanes, chunks = D / C;
+  const int groups_per_warp = 32 / p.lanes, chunks = S.head_dim / C;
   const int row_group = (threadIdx.x / 32) * groups_per_warp + group;
   const int row_groups = kWarps * groups_per_warp;
-  for (int r0 = 0; r0 < R; r0 += row_groups * kRowsInFlight) {  // uniform trip count per warp (shuffles)
+  const bool shared_sel = S.sel_heads == S.kv_heads;
+  // uniform trip count per warp (shuffles)
+  for (int r0 = r_begin; r0 < r_end; r0 += row_groups * kRowsInFlight) {
     float partial[kRowsInFlight] = {};
     for (int c = sub; c < chunks; c += p.lanes) {
       Chunk x[kRowsInFlight];
 #pragma unroll
       for (int u = 0; u < kRowsInFlight; ++u) {
         const int r = r0 + u * row_groups + row_group;
-        if (r < R) {
-          x[u].load(desc + p.ds.offset(b, hk, r) + int64_t(c) * C);
+        if (r < r_end) {
+          x[u].load(desc + p.ds.offset(row.b, row.hk, r) + int64_t(c) * C);
         } else {
           x[u].zero();
         }
@@ -170,12 +180,56 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
     for (int u = 0; u < kRowsInFlight; ++u) {
       const int r = r0 + u * row_groups + row_group;
       const float sum = warp_sum(partial[u], p.lanes);
-      if (r < R && sub == 0) {
+      if (r < r_end && sub == 0) {
         // the mean over the group is its sum divided by G, as on the CPU
-        const float score = shared_sel ? sum / float(G) : sum;
-        keys[r] = layout.selectable(b, r, limit) ? score_order_key(score) : 0u;
+        const float score = shared_sel ? sum / float(S.group()) : sum;
+        keys[r] = p.layout.selectable(row.b, r, row.limit) ? score_order_key(score) : 0u;
       }
     }
+  }
+}
+
+// Steps 1-2 for p.scoring_blocks blocks per row: block (row, part) scores the part-th share
+// of the regions into the row's keys in key_scratch.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) scoring_kernel(TopkParams p) {
+  extern __shared__ __align__(16) float query[];  // [D]
+  const int64_t local = blockIdx.x / p.scoring_blocks;
+  const int part = int(blockIdx.x % p.scoring_blocks);
+  const TopkRow row = topk_row(p, p.first_row + local);
+  const int64_t R = p.layout.num_regions;
+  load_topk_query<T>(p, row, query);
+  score_regions<T, kVec>(p, row, query, int(R * part / p.scoring_blocks),
+                         int(R * (part + 1) / p.scoring_blocks), p.key_scratch + local * R);
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint32_t histogram[256];
+  __shared__ int counters[4];  // candidates, taken, equal-rank base, scratch
+  __shared__ uint32_t select_prefix, select_remaining;
+
+  const AttentionShape& S = p.shape;
+  const int R = p.layout.num_regions, D = S.head_dim, K = S.topk;
+  const int64_t row = p.first_row + blockIdx.x;
+  const int lane = threadIdx.x % 32;
+
+  float* query = reinterpret_cast<float*>(smem_raw);
+  uint32_t* scored = p.key_scratch + int64_t(blockIdx.x) * R;  // when scoring_kernel ran
+  uint32_t* keys = p.keys_in_shared ? reinterpret_cast<uint32_t*>(query + D) : scored;
+  uint64_t* sorted =
+      p.sort_in_shared
+          ? reinterpret_cast<uint64_t*>(smem_raw + ((D + (p.keys_in_shared ? R : 0)) * 4 + 15) / 16 * 16)
+          : p.sort_scratch + int64_t(blockIdx.x) * p.sort_size;
+  if (threadIdx.x < 4) counters[threadIdx.x] = 0;
+
+  if (p.scoring_blocks == 1) {
+    const TopkRow this_row = topk_row(p, row);
+    load_topk_query<T>(p, this_row, query);
+    score_regions<T, kVec>(p, this_row, query, 0, R, keys);
+  } else if (p.keys_in_shared) {
+    for (int r = threadIdx.x; r < R; r += kThreads) keys[r] = scored[r];
   }
   __syncthreads();
 
@@ -266,6 +320,18 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   }
 }
 
+// Blocks of scoring_kernel per row: with few rows, as many as fill the GPU's slots for the
+// kernel in one wave, but no more than give each a full round of loads (row_groups x
+// kRowsInFlight regions); 1 (topk_kernel scores its row) when the rows alone fill half the
+// slots. GAZE_TOPK_SCORING_BLOCKS=n forces n, for measuring the plan.
+int plan_scoring_blocks(int64_t rows, int64_t R, int lanes, int resident_per_sm) {
+  const int64_t round = int64_t(kWarps) * (32 / lanes) * kRowsInFlight;
+  const int64_t slots = int64_t(resident_per_sm) * multiprocessor_count();
+  int64_t blocks = std::min(slots / rows, ceil_div(R, round));
+  if (const int forced = forced_count("GAZE_TOPK_SCORING_BLOCKS"); forced > 0) blocks = forced;
+  return int(std::clamp<int64_t>(blocks, 1, std::max<int64_t>(R, 1)));
+}
+
 int next_pow2(int64_t x) {
   int p = 1;
   while (p < x) p *= 2;
@@ -299,39 +365,50 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
   p.idx_out = idx.data_ptr<int32_t>();
   p.score_out = score.data_ptr<float>();
 
-  // Shared memory: the query, then the keys and the sort buffer when they fit.
-  int64_t shared = D * 4;
-  p.keys_in_shared = shared + R * 4 <= kSharedBudget;
-  if (p.keys_in_shared) shared += R * 4;
-  shared = (shared + 15) / 16 * 16;
-  p.sort_in_shared = shared + int64_t(p.sort_size) * 8 <= kSharedBudget;
-  if (p.sort_in_shared) shared += int64_t(p.sort_size) * 8;
-  TORCH_CHECK(shared <= kSharedBudget, "gaze.region_topk: head dim ", D, " is too large");
-  const int64_t scratch_per_row =
-      (p.keys_in_shared ? 0 : R * 4) + (p.sort_in_shared ? 0 : int64_t(p.sort_size) * 8);
-  const int64_t rows_per_launch = std::min<int64_t>(  // a grid holds up to 2^31 - 1 blocks
-      0x7FFFFFFF, scratch_per_row == 0 ? rows
-                                       : std::max<int64_t>(1, std::min(rows, kScratchBudget / scratch_per_row)));
-  at::Tensor key_scratch, sort_scratch;
-  if (!p.keys_in_shared) {
-    key_scratch = at::empty({rows_per_launch, R}, q.options().dtype(at::kInt));
-    p.key_scratch = reinterpret_cast<uint32_t*>(key_scratch.data_ptr<int32_t>());
-  }
-  if (!p.sort_in_shared) {
-    sort_scratch = at::empty({rows_per_launch, p.sort_size}, q.options().dtype(at::kLong));
-    p.sort_scratch = reinterpret_cast<uint64_t*>(sort_scratch.data_ptr<int64_t>());
-  }
-
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(q.scalar_type(), "region_topk", [&](auto tag) {
     using T = native_t<decltype(tag)>;
     const bool vec = rows_vectorizable<T>(p.desc, D, {p.ds.batch, p.ds.head, p.ds.row});
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
+    auto scorer = vec ? scoring_kernel<T, true> : scoring_kernel<T, false>;
     auto kernel = vec ? topk_kernel<T, true> : topk_kernel<T, false>;
+    p.scoring_blocks = plan_scoring_blocks(rows, R, p.lanes, resident_blocks(scorer, kThreads, D * 4));
+
+    // Shared memory: the query, then the keys and the sort buffer when they fit.
+    int64_t shared = D * 4;
+    p.keys_in_shared = shared + R * 4 <= kSharedBudget;
+    if (p.keys_in_shared) shared += R * 4;
+    shared = (shared + 15) / 16 * 16;
+    p.sort_in_shared = shared + int64_t(p.sort_size) * 8 <= kSharedBudget;
+    if (p.sort_in_shared) shared += int64_t(p.sort_size) * 8;
+    TORCH_CHECK(shared <= kSharedBudget, "gaze.region_topk: head dim ", D, " is too large");
+    const bool keys_in_scratch = !p.keys_in_shared || p.scoring_blocks > 1;
+    const int64_t scratch_per_row =
+        (keys_in_scratch ? R * 4 : 0) + (p.sort_in_shared ? 0 : int64_t(p.sort_size) * 8);
+    const int64_t most_rows = 0x7FFFFFFF / p.scoring_blocks;  // a grid's 2^31 - 1 blocks
+    const int64_t rows_per_launch = std::min(
+        most_rows, scratch_per_row == 0
+                       ? rows
+                       : std::max<int64_t>(1, std::min(rows, kScratchBudget / scratch_per_row)));
+    at::Tensor key_scratch, sort_scratch;
+    if (keys_in_scratch) {
+      key_scratch = at::empty({rows_per_launch, R}, q.options().dtype(at::kInt));
+      p.key_scratch = reinterpret_cast<uint32_t*>(key_scratch.data_ptr<int32_t>());
+    }
+    if (!p.sort_in_shared) {
+      sort_scratch = at::empty({rows_per_launch, p.sort_size}, q.options().dtype(at::kLong));
+      p.sort_scratch = reinterpret_cast<uint64_t*>(sort_scratch.data_ptr<int64_t>());
+    }
+
+    allow_dynamic_shared(scorer, D * 4);
     allow_dynamic_shared(kernel, shared);
     for (int64_t first = 0; first < rows; first += rows_per_launch) {
       p.first_row = first;
       const int64_t n = std::min(rows_per_launch, rows - first);
+      if (p.scoring_blocks > 1) {
+        scorer<<<grid_of(n * p.scoring_blocks, "region_topk"), dim3(kThreads), D * 4, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       kernel<<<dim3(n), dim3(kThreads), shared, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
