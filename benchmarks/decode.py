@@ -190,8 +190,8 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
             variants[f"topk_{mode}_one_block"] = with_env(
                 "GAZE_TOPK_SCORING_BLOCKS", "1", variants[f"topk_{mode}"])
     # The shared step's fixed tokens padded with -1 to the cache's length, as a cache that
-    # sized its fixed list by its capacity would pass them: the split-K kernel walks padding
-    # entries as it walks keys (GazeKVCache sizes the list by the steps left instead).
+    # sized its fixed list by its capacity would pass them: the split-K kernels read every
+    # entry (GazeKVCache sizes the list by the steps left instead).
     padded_fixed = torch.full((B, N), -1, dtype=torch.int32, device=device)
     padded_fixed[:, : layout.fixed_tokens.numel()] = layout.fixed_tokens
     variants["attention_shared_padded_fixed"] = lambda: ops.gaze_attention(
@@ -319,8 +319,8 @@ def report(result: Dict[str, object]) -> str:
         lines.append(f"- `attention_shared_padded_fixed`: the same step with its fixed-token list "
                      f"padded with -1 to the cache's length ({padded['entries']} entries, "
                      f"{padded['valid']} valid) takes {padded['cost']:.2f}x the time (the CUDA "
-                     "split-K kernel walks padding entries like keys; GazeKVCache sizes the "
-                     "list by the steps left)")
+                     "split-K kernels read every entry; GazeKVCache sizes the list by the "
+                     "steps left)")
     ms = {r["variant"]: r["ms"] for r in result["rows"]}
     for mode in ("shared", "per_head"):
         for op, suffix, alternative, planned in (

@@ -360,16 +360,23 @@ def test_split_forward_without_room_for_its_tiles(sim, monkeypatch):
     torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
 
 
-def test_skipped_invalid_entries_match_their_removal(sim):
-    """Unchecked, out-of-range slots and fixed positions are skipped, never read."""
+@pytest.mark.parametrize("kernel", ["split", "split_block"])
+def test_skipped_invalid_entries_match_their_removal(sim, monkeypatch, kernel):
+    """Unchecked, out-of-range slots and fixed positions are skipped, never read; -1 padding
+    too, here 1,500 entries between the fixed tokens (the streamed forward packs the visible
+    keys of each 1,024 entries, so one of its batches has none)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
     gen = generator(7)
     B, Hq, Hkv, N, D = 2, 4, 2, 200, 64
     layout = gaze_ext.build_layout([(0, 1, 12, 12)], N)
     R = layout.num_regions
     q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(B, Hq, Hkv, 1, N, D))
     idx = torch.tensor([0, R + 3, 2, -7, 3], dtype=torch.int32).expand(B, Hkv, 1, 5).contiguous()
-    fixed = torch.cat([layout.fixed_tokens, torch.tensor([N + 9, -5], dtype=torch.int32)])
+    text = layout.fixed_tokens
+    fixed = torch.cat([text[:20], torch.full((1500,), -1, dtype=torch.int32), text[20:],
+                       torch.tensor([N + 9, -5], dtype=torch.int32)])
     got = sim.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens, fixed, idx, None, 0.125)
+    assert (STREAMED if kernel == "split" else BLOCK) in launched(sim)
     clean = torch.tensor([0, 2, 3], dtype=torch.int32).expand(B, Hkv, 1, 3).contiguous()
     want = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
                               layout.fixed_tokens, clean, None, 0.125)

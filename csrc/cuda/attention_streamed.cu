@@ -4,11 +4,12 @@
 // The block-synchronous kernel (attention_forward.cu) takes every 32-key batch through
 // 5-6 block barriers (positions, scores, softmax, rescale, P V); on an H100 it moved its
 // bytes at 19% of copy bandwidth, stalled at those barriers rather than waiting for bytes.
-// Here the block (same units and splits) meets at a barrier once per kPositionBatch keys,
-// to publish their positions, and once at the end. In between, each warp streams its own
-// tiles of kWarpKeys keys with its own online-softmax state (max and sum per head, the
-// accumulator in registers) and its own double-buffered cp.async copies of the tiles' K and
-// V rows, waiting only for its own copies. Per tile:
+// Here the block (same units and splits) meets at barriers once per kPositionBatch keys,
+// to publish the positions of the visible ones, packed (padding, keys past the causal
+// limit and out-of-range entries take no tile), and once at the end. In between, each warp
+// streams its own tiles of kWarpKeys keys with its own online-softmax state (max and sum
+// per head, the accumulator in registers) and its own double-buffered cp.async copies of
+// the tiles' K and V rows, waiting only for its own copies. Per tile:
 //   scores: lane (key, half) = (lane % 16, lane / 16) dots the key's K row with the unit's
 //     NH query rows over every other chunk of D; one shuffle adds the two halves;
 //   softmax: the tile's max and sum per head over 16 lanes;
@@ -62,7 +63,8 @@ __global__ void __launch_bounds__(kAttnThreads, 3) attention_streamed_kernel(Att
   // [kAttnWarps][kStages][K, V][kWarpKeys][D]; at the end, the warps' accumulators
   // [kAttnWarps][NH][D] in float32
   T* tiles = reinterpret_cast<T*>(query + NH * D);
-  __shared__ int32_t positions[kPositionBatch];  // visible key positions, -1: none
+  __shared__ int32_t positions[kPositionBatch];  // visible key positions, then -1
+  __shared__ int32_t visible_before[kAttnThreads], warp_totals[kAttnWarps];
   __shared__ __align__(16) float probs[kAttnWarps][kWarpKeys][NH];
   __shared__ float warp_maxima[kAttnWarps][NH], warp_sums[kAttnWarps][NH];
   __shared__ KeyStream stream;
@@ -102,19 +104,31 @@ __global__ void __launch_bounds__(kAttnThreads, 3) attention_streamed_kernel(Att
   auto tile = [&](int stage, int kv) { return warp_tiles + (stage * 2 + kv) * kWarpKeys * D; };
 
   for (int64_t b0 = 0; b0 < stream.length; b0 += kPositionBatch) {
-    const int n = int(min(int64_t(kPositionBatch), stream.length - b0));
-    // the batch's positions: every load issued before the first store, so they overlap
+    // The batch's visible positions, in stream order and packed: keys out of range, past
+    // the causal limit or -1 padding cost no tile. Thread t looks up entries
+    // [t * kPerThread, (t + 1) * kPerThread) of the batch, every load issued before the
+    // first use, so they overlap.
+    const int batch = int(min(int64_t(kPositionBatch), stream.length - b0));
     constexpr int kPerThread = kPositionBatch / kAttnThreads;
     int32_t found[kPerThread];
 #pragma unroll
     for (int e = 0; e < kPerThread; ++e) {
-      const int x = e * kAttnThreads + threadIdx.x;
-      found[e] = x < n ? stream.position(p, unit, int(b0) + x) : -1;
+      const int x = threadIdx.x * kPerThread + e;
+      found[e] = x < batch ? stream.position(p, unit, int(b0) + x) : -1;
     }
-    __syncthreads();  // every warp is done with the previous batch's positions
+    int visible = 0;
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) visible += p.layout.visible(found[e], limit);
+    visible_before[threadIdx.x] = visible;
+    // (its first barrier: every warp is done with the previous batch's positions)
+    const int n = block_exclusive_scan(visible_before, kAttnThreads, warp_totals);
+    int at = visible_before[threadIdx.x];
 #pragma unroll
     for (int e = 0; e < kPerThread; ++e) {
-      positions[e * kAttnThreads + threadIdx.x] = p.layout.visible(found[e], limit) ? found[e] : -1;
+      if (p.layout.visible(found[e], limit)) positions[at++] = found[e];
+    }
+    if (threadIdx.x < kWarpKeys && n + int(threadIdx.x) < kPositionBatch) {
+      positions[n + threadIdx.x] = -1;  // the last tile's tail
     }
     __syncthreads();
 
