@@ -52,6 +52,22 @@ def build_cuda():
     return possible
 
 
+def warn_about_compiler_script():
+    """A CXX that is a shell script around g++ (the GPU image's /opt/gcc/bin/g++ adds -B and
+    -isystem paths of another GCC) built an extension that crashed on every C++ exception
+    instead of raising RuntimeError. Nothing tells such a wrapper apart in general; a script
+    is the case seen, so say so and go on."""
+    path = shutil.which(os.environ.get("CXX", "") or "c++")
+    try:
+        with open(path or "", "rb") as f:
+            is_script = f.read(2) == b"#!"
+    except OSError:
+        return
+    if is_script:
+        print(f"gaze_ext: warning: the C++ compiler {path} is a script; if the built ops crash "
+              "where they should raise RuntimeError, build with CXX=/usr/bin/g++ (see README)")
+
+
 def extension():
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"]
     sources += sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -73,6 +89,7 @@ def extension():
     )
 
 
+warn_about_compiler_script()
 setup(
     packages=find_packages(include=["gaze_ext", "gaze_ext.*"]),
     ext_modules=[extension()],
