@@ -14,12 +14,15 @@
 # workers on an H100 machine) or `... gpu_check.sh bench` (build,
 # then both benchmarks with the FlexAttention peer, which the full check leaves out: its
 # Triton kernels compile for up to a minute or two, and the full check's time is counted).
+# `... gpu_check.sh profile` builds and runs Nsight Compute over the decode and prefill steps
+# (benchmarks/profile_case.py): each kernel's speed of light, occupancy, stall reasons and
+# memory traffic, in ncu-decode.txt and ncu-prefill.txt.
 set -uo pipefail
 MODE=${1:-full}
 case $MODE in
-  full|sanitizers|bench) ;;
+  full|sanitizers|bench|profile) ;;
   tests) shift; PYTEST_ARGS=("$@") ;;
-  *) echo "usage: $0 [full|sanitizers|bench|tests [PYTEST ARGS]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [full|sanitizers|bench|profile|tests [PYTEST ARGS]]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-latest}
@@ -96,8 +99,18 @@ benchmark() {  # benchmark DECODE_LIMIT PREFILL_LIMIT [--no-flex]
   step decode-benchmark "$1" "$OUT/decode.log" $PY -m benchmarks.decode --device cuda --out "$OUT" ${3:-}
   step prefill-benchmark "$2" "$OUT/prefill.log" $PY -m benchmarks.prefill --device cuda --out "$OUT" ${3:-}
 }
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+profile() {  # profile STEP LIMIT KERNEL_REGEX LAUNCHES
+  step "ncu $1" "$2" "$OUT/ncu-$1.txt" "$NCU" --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --kernel-name "regex:$3" --launch-count "$4" $PY -m benchmarks.profile_case "$1"
+}
 case $MODE in
   full) run_tests 300; sanitize memcheck 80; benchmark 60 100 --no-flex ;;
+  profile)
+    # decode: 2 steps of each selection mode, every kernel of them (4 a step)
+    profile decode 200 "attention_|merge_splits|scoring_kernel|topk_kernel" 16
+    profile prefill 300 "tiled|region_keys|selection_keys|topk_kernel" 8 ;;
   sanitizers) sanitize racecheck 200; sanitize synccheck 100; sanitize initcheck 100 ;;
   tests) run_tests 420 "${PYTEST_ARGS[@]}" ;;
   bench) benchmark 200 240 ;;
@@ -127,6 +140,10 @@ esac
     tail -n 12 "$OUT/$tool.log"
     echo '```'
     echo
+  done
+  for f in "$OUT"/ncu-*.txt; do  # the profiles stay in their files; their errors here
+    [ -f "$f" ] && grep -qE "==ERROR==|==WARNING==" "$f" &&
+      { echo "## $(basename "$f")"; echo '```'; grep -m 10 -E "==ERROR==|==WARNING==" "$f"; echo '```'; }
   done
   for f in "$OUT/decode-cuda.md" "$OUT/prefill-cuda.md"; do
     [ -f "$f" ] && cat "$f" && echo

@@ -1,0 +1,71 @@
+"""The benchmarks' GPU steps, run a few times for a kernel profiler: `gpu_check.sh profile`
+runs Nsight Compute over it, so that each kernel's stall reasons, occupancy and memory
+throughput come back from one device call (GPU-NOTES: profile before changing a kernel).
+
+    ncu --kernel-name regex:... python3 -m benchmarks.profile_case decode
+
+decode: region_topk + gaze_attention at the decode benchmark's GPU shape, one selection per
+KV head, then one per query head; prefill: the prefill benchmark's correlated-query step,
+forward and backward, one selection per KV head.
+"""
+import argparse
+
+import torch
+
+import gaze_ext
+from benchmarks import decode, prefill
+from gaze_ext import ops
+
+
+def decode_steps(repeats: int) -> None:
+    s = decode.GPU_SHAPE
+    N = s.frames * s.frame_h * s.frame_w + s.text
+    layout = gaze_ext.build_layout([(0, s.frames, s.frame_h, s.frame_w)], N,
+                                   region_shape=s.region, device="cuda")
+    K = max(1, round(s.topk_fraction * layout.num_regions))
+    dtype = getattr(torch, s.dtype)
+    q = torch.randn(s.batch, s.q_heads, 1, s.head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(s.batch, s.kv_heads, N, s.head_dim, device="cuda", dtype=dtype)
+            for _ in range(2))
+    desc = ops.region_pool(k, layout.region_ptr, layout.region_tokens)
+    for share in (True, False):
+        for _ in range(repeats):
+            idx, _ = ops.region_topk(q, desc, layout.region_ptr, K, share)
+            ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                               layout.fixed_tokens, idx)
+
+
+def prefill_steps(repeats: int) -> None:
+    s = prefill.GPU_SHAPE
+    visual = s.frames * s.frame_h * s.frame_w
+    N = visual + s.text
+    layout = gaze_ext.build_layout([(0, s.frames, s.frame_h, s.frame_w)], N, device="cuda")
+    K = max(1, round(s.topk_fraction * layout.num_regions))
+    dtype = getattr(torch, s.dtype)
+    q_pos = (visual + torch.arange(s.text, device="cuda", dtype=torch.int32)).expand(
+        s.batch, s.text).contiguous()
+    q = prefill.correlated_queries(s.batch, s.q_heads, s.text, s.head_dim, prefill.CORRELATION,
+                                   "cuda", dtype).requires_grad_()
+    k, v = (torch.randn(s.batch, s.kv_heads, N, s.head_dim, device="cuda", dtype=dtype,
+                        requires_grad=True) for _ in range(2))
+    grad = torch.randn(q.shape, device="cuda", dtype=dtype)
+    desc = ops.region_pool(k.detach(), layout.region_ptr, layout.region_tokens)
+    for _ in range(repeats):
+        idx, _ = ops.region_topk(q.detach(), desc, layout.region_ptr, K, True, q_pos,
+                                 layout.region_pos)
+        out, _ = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
+                                    layout.fixed_tokens, idx, q_pos)
+        out.backward(grad)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=("decode", "prefill"))
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    (decode_steps if args.step == "decode" else prefill_steps)(args.repeats)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
