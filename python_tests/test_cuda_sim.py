@@ -338,6 +338,30 @@ def test_streamed_forward_over_several_position_batches(sim, monkeypatch, dtype)
     assert_forward_matches_cpu(got, dtype, qkv, args)
 
 
+@pytest.mark.parametrize("seed", range(32))
+def test_split_forwards_on_random_shapes_match_cpu(sim, monkeypatch, seed):
+    """Random shapes for both split-K forwards: head dims with and without 16-byte rows and
+    past the streamed kernel's registers, GQA groups up to 12, either selection mode, slots
+    (none, past R, repeated, -1), causal limits, shared or batched layouts, strided operands."""
+    gen = generator(900 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    dtype = DTYPES[seed % 3]
+    B, Hkv, G, Lq, N = r(1, 2), r(1, 3), [1, 2, 3, 4, 6, 8, 12][r(0, 6)], r(1, 3), r(1, 400)
+    D = [8, 16, 24, 40, 64, 72, 96, 128, 200, 256][r(0, 9)]
+    layout = random_batch_layout(gen, B, N, shared=bool(r(0, 1)), max_regions=30,
+                                 max_region_size=12)
+    Hq = Hkv * G
+    K = r(0, layout.num_regions + 3)
+    idx = random_selection(gen, (B, Hkv if r(0, 1) else Hq, Lq, K), layout.num_regions)
+    q_pos = q_positions(gen, B, Lq, N) if r(0, 1) else None
+    strided = [False, True, "last"][r(0, 2)]
+    q, k, v = (random_tensor(gen, s, dtype, "cpu", strided) for s in qkv_shapes(B, Hq, Hkv, Lq, N, D))
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, D ** -0.5)
+    for kernel in ("split", "split_block"):
+        monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+        assert_forward_matches_cpu(sim.gaze_attention(q, k, v, *args), dtype, (q, k, v), args)
+
+
 def test_split_forward_without_room_for_its_tiles(sim, monkeypatch):
     """On a GPU with 64 KB of shared memory per block (sm_75), float32 with D = 256 leaves
     no room for the split-K forward's K/V tiles: it loads elements instead, with the same
