@@ -205,26 +205,6 @@ inline int num_heads_per_unit_template(int heads) {
   return heads <= 1 ? 1 : heads <= 2 ? 2 : heads <= 4 ? 4 : 8;
 }
 
-// dst[0, N) = src[0, N) from shared memory, 16 bytes at a time when N is a multiple of 4 (src
-// then 16-byte aligned): the compiler cannot see the alignment of a runtime offset and would
-// load each float alone.
-template <int N>
-__device__ __forceinline__ void load_shared_floats(const float* src, float (&dst)[N]) {
-  if constexpr (N % 4 == 0) {
-#pragma unroll
-    for (int e = 0; e < N; e += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(src + e);
-      dst[e] = f.x;
-      dst[e + 1] = f.y;
-      dst[e + 2] = f.z;
-      dst[e + 3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) dst[e] = src[e];
-  }
-}
-
 // partial[h] += vecs[h][c * C : (c + 1) * C] . x for the NH rows of vecs [NH][D]: one
 // 16-byte chunk of a K or V row against every head of the unit.
 template <int NH, int C>

@@ -111,6 +111,26 @@ inline bool rows_vectorizable(const void* base, int64_t D, std::initializer_list
   return true;
 }
 
+// dst[0, N) = src[0, N) from shared memory, 16 bytes at a time when N is a multiple of 4 (src
+// then 16-byte aligned): the compiler cannot see the alignment of a runtime offset and would
+// load each float alone.
+template <int N>
+__device__ __forceinline__ void load_shared_floats(const float* src, float (&dst)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < N; e += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(src + e);
+      dst[e] = f.x;
+      dst[e + 1] = f.y;
+      dst[e + 2] = f.z;
+      dst[e + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = src[e];
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x, int width = 32) {
 #pragma unroll

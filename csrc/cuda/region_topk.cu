@@ -170,10 +170,12 @@ __device__ void score_regions(const TopkParams& p, const TopkRow& row, const flo
           x[u].zero();
         }
       }
+      float qc[C];
+      load_shared_floats<C>(query + c * C, qc);
 #pragma unroll
       for (int u = 0; u < kRowsInFlight; ++u) {
 #pragma unroll
-        for (int e = 0; e < C; ++e) partial[u] += query[c * C + e] * x[u].v[e];
+        for (int e = 0; e < C; ++e) partial[u] += qc[e] * x[u].v[e];
       }
     }
 #pragma unroll
