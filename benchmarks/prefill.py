@@ -182,8 +182,12 @@ def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
                 "gaze_per_head_fwd_bwd": lambda: gaze(q, False),
                 "gaze_shared_fwd_bwd_correlated": lambda: gaze(corr, True),
                 "sdpa_fwd": dense_forward, "gaze_shared_fwd": lambda: forward_only(q, True),
-                "gaze_shared_fwd_correlated": lambda: forward_only(corr, True)}
+                "gaze_shared_fwd_correlated": lambda: forward_only(corr, True),
+                "topk_shared": lambda: select(q, True)}
     if device == "cuda":  # the tensor-core kernels against the split-K ones, same inputs
+        # and the selection's tiled scoring against one block scoring each row
+        variants["topk_shared_one_block_per_row"] = with_env(
+            "GAZE_TOPK_SCORING_BLOCKS", "1", lambda: select(q, True))
         variants["gaze_shared_fwd_bwd_correlated_split_k"] = with_env(
             "GAZE_ATTENTION_KERNEL", "split", lambda: gaze(corr, True))
         variants["gaze_shared_fwd_correlated_split_k"] = with_env(
@@ -199,7 +203,9 @@ def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
         peers, flex_facts = flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward)
         variants.update(peers)
     times = time_variants(variants, device, rounds=5, min_time_s=0.2)
-    rows = [dict(variant=n, ms=t * 1e3, speedup=times["sdpa_fwd_bwd"] / t if "bwd" in n
+    # speed-up against dense for the attention rows; the selection alone has no dense peer
+    rows = [dict(variant=n, ms=t * 1e3) if n.startswith("topk") else
+            dict(variant=n, ms=t * 1e3, speedup=times["sdpa_fwd_bwd"] / t if "bwd" in n
                  else times["sdpa_fwd"] / t) for n, t in times.items()]
     ratios = {"iid": times["sdpa_fwd_bwd"] / times["gaze_shared_fwd_bwd"],
               "correlated": times["sdpa_fwd_bwd"] / times["gaze_shared_fwd_bwd_correlated"]}

@@ -71,6 +71,8 @@ def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path)
     assert 0 < result["union_fraction"]["iid"] <= 1
     assert "forward+backward, shared selection, iid queries:" in text
     assert "flex_shared_fwd" in {row["variant"] for row in result["rows"]}
+    topk_row = next(row for row in result["rows"] if row["variant"] == "topk_shared")
+    assert "speedup" not in topk_row  # the selection alone has no dense peer
     assert result["flex"]["max_abs_diff"] < 1e-5  # forward only: no backward on the CPU
     assert prefill.main(["--device", "cpu", "--out", str(tmp_path), "--no-flex"]) == 0
     result = json.loads((tmp_path / "prefill-cpu.json").read_text())

@@ -165,7 +165,8 @@ def test_topk_scratch_paths_match_cpu(monkeypatch, scoring_blocks):
 
 def test_topk_rows_past_one_launch_match_cpu():
     """65,536 regions with k = 65,536 take 768 KB of scratch a row: 512 MB holds 682 rows,
-    so 700 rows go to a second launch (test_cuda_sim reaches it with a smaller budget)."""
+    so the 700 rows (two runs of 350 positions, scored in tiles) take two launches of one
+    run each (test_cuda_sim reaches several launches with a smaller budget)."""
     q, desc, ptr = topk_many_regions(5, 65536, q_heads=2, q_len=350)
     got = ops.region_topk(q.cuda(), desc.cuda(), ptr.cuda(), 65536, False)
     want = ops.region_topk(q, desc, ptr, 65536, False)
@@ -186,6 +187,25 @@ def test_decode_topk_with_each_scoring_plan_matches_cpu(monkeypatch, scoring_blo
     desc = torch.randint(-3, 4, (B, Hkv, layout.num_regions, D), generator=gen).bfloat16()
     want = ops.region_topk(q, desc, layout.region_ptr, K, share_kv)
     got = ops.region_topk(q.cuda(), desc.cuda(), layout.region_ptr.cuda(), K, share_kv)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("scoring_blocks", ["0", "1"])
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_prefill_topk_scored_in_tiles_matches_cpu(monkeypatch, scoring_blocks, share_kv):
+    """Many causal rows (prefill): scored in tiles by scoring_tile_kernel (the plan), and by
+    the selecting blocks themselves (forced). Small integers in bf16: exact scores."""
+    monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", scoring_blocks)
+    gen = generator(42)
+    B, Hq, Hkv, Lq, D, K = 2, 8, 2, 150, 128, 30
+    layout = gaze_ext.build_layout([(0, 4, 12, 12)], 900, region_shape=(1, 3, 3))
+    q = torch.randint(-3, 4, (B, Hq, Lq, D), generator=gen).bfloat16()
+    desc = torch.randint(-3, 4, (B, Hkv, layout.num_regions, D), generator=gen).bfloat16()
+    q_pos = q_positions(gen, B, Lq, layout.num_keys)
+    args = (layout.region_ptr, K, share_kv, q_pos, layout.region_pos)
+    want = ops.region_topk(q, desc, *args)
+    got = ops.region_topk(q.cuda(), desc.cuda(), *(a.cuda() if torch.is_tensor(a) else a
+                                                  for a in args))
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 

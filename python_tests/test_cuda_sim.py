@@ -249,6 +249,40 @@ def test_region_topk_with_many_regions_matches_cpu(sim, monkeypatch, regions, q_
         assert_scores_equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("share_kv", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_region_topk_scored_in_tiles_matches_cpu(sim, share_kv, causal):
+    """Runs of 70 positions (a ragged second tile of rows), more than 64 regions (a ragged
+    second tile of regions), D = 40 (a ragged second slice of D): scoring_tile_kernel, exact
+    with small integers (many ties)."""
+    gen = generator(230)
+    B, Hq, Hkv, Lq, N, D = 2, 6, 2, 70, 900, 40
+    layout = random_batch_layout(gen, B, N, max_regions=100, max_region_size=8)
+    assert layout.num_regions > 64
+    q = torch.randint(-2, 3, (B, Hq, Lq, D), generator=gen).float()
+    desc = torch.randint(-2, 3, (B, Hkv, layout.num_regions, D), generator=gen).float()
+    pos = (q_positions(gen, B, Lq, N), layout.region_pos) if causal else (None, None)
+    for k in (1, 7, layout.num_regions + 2):
+        args = (q, desc, layout.region_ptr, k, share_kv, *pos)
+        got, want = sim.region_topk(*args), ops.region_topk(*args)
+        assert launched(sim) == {"scoring_tile_kernel", "topk_kernel"}
+        assert torch.equal(got[0], want[0])
+        assert_scores_equal(got[1], want[1])
+
+
+def test_region_topk_tiles_in_launches_of_whole_runs(sim):
+    """4,000 regions: the emulator build's 1 MiB of scratch holds 65 rows' keys, so the 80
+    rows (4 runs of 20 positions) go in launches of 60 and 20 rows, whole runs each."""
+    q, desc, ptr = topk_many_regions(6, 4000, q_heads=4, q_len=20)
+    got = sim.region_topk(q, desc, ptr, 50, False, None, None)
+    kernels = [s.split("(")[0].split()[-1].split("::")[-1].split("<")[0]
+               for s in sim.take_launched_kernels()]
+    assert kernels == ["scoring_tile_kernel", "topk_kernel"] * 2
+    want = ops.region_topk(q, desc, ptr, 50, False)
+    assert torch.equal(got[0], want[0])
+    assert_scores_equal(got[1], want[1])
+
+
 def test_forced_scoring_block_count_must_be_a_number(sim, monkeypatch):
     monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", "-2")
     q, desc, ptr = topk_many_regions(1, 10, 2, 1)

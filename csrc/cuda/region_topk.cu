@@ -9,10 +9,14 @@
 //   5. they are ordered by the shared 64-bit selection key (score descending, region
 //      ascending), exactly the CPU order: by counting each key's rank when there are
 //      few, else by a bitonic sort.
-// With few rows (a decode step: one per batch element and KV head) one block per row
-// would leave most of the GPU idle while it reads the row's descriptors, so steps 1-2 run
-// first in scoring_kernel, several blocks per row, each scoring a share of the regions
-// into a global buffer; topk_kernel then starts at step 3.
+// Steps 1-2 may run first, in a kernel that writes every row's keys to a global buffer;
+// topk_kernel then starts at step 3:
+//   - few rows (a decode step: one per batch element and KV head): one block per row would
+//     leave most of the GPU idle while it reads the row's descriptors, so scoring_kernel
+//     scores each row with several blocks, each a share of the regions;
+//   - many rows in runs of at least kTileRows / 4 positions (prefill): one block per row
+//     would read all of its KV head's descriptors for every row, so scoring_tile_kernel
+//     scores tiles of kTileRows rows x kTileRegions regions from shared memory, a GEMM.
 // Keys and the sort buffer live in shared memory when they fit, else in a
 // global scratch buffer; nothing depends on the data on the host (no sync).
 #include <ATen/core/Tensor.h>
@@ -51,9 +55,10 @@ struct TopkParams {
   AttentionShape shape;
   int lanes;             // lanes per descriptor row
   int sort_size;         // power of two >= min(k, R)
-  int scoring_blocks;    // blocks of scoring_kernel per row; 1: topk_kernel scores its row
+  int scoring_blocks;    // blocks of scoring_kernel per row
+  bool keys_scored;      // a scoring kernel ran: the keys are in key_scratch
   bool keys_in_shared, sort_in_shared;
-  uint32_t* key_scratch;   // [rows in launch, R]: scoring_kernel's keys, or topk_kernel's
+  uint32_t* key_scratch;   // [rows in launch, R]: the scoring kernels' keys, or topk_kernel's
                            // when they do not fit in its shared memory
   uint64_t* sort_scratch;  // [rows in launch, sort_size] when not in shared memory
   int64_t first_row;
@@ -205,6 +210,85 @@ __global__ void __launch_bounds__(kThreads) scoring_kernel(TopkParams p) {
                          int(R * (part + 1) / p.scoring_blocks), p.key_scratch + local * R);
 }
 
+constexpr int kTileRows = 64, kTileRegions = 64, kTileDepth = 32;  // scoring_tile_kernel
+constexpr int kTileThreads = 256;  // 16 x 16, each 4 rows x 4 regions
+constexpr int kTilePad = 4;        // floats after each row of a tile: 16-byte aligned rows
+
+// Steps 1-2 for the launch's rows, which are whole runs of q_len positions of one (b, hs):
+// block (run, row tile, region tile) computes the scores of up to kTileRows positions of
+// one run against kTileRegions of its KV head's descriptors, kTileDepth elements of D at
+// a time through shared memory (both tiles d-major, so a thread reads 4 rows and 4
+// regions with two 16-byte loads per d), and writes their keys to key_scratch.
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads) scoring_tile_kernel(TopkParams p) {
+  __shared__ __align__(16) float row_tile[kTileDepth][kTileRows + kTilePad];
+  __shared__ __align__(16) float region_tile[kTileDepth][kTileRegions + kTilePad];
+  const AttentionShape& S = p.shape;
+  const int R = p.layout.num_regions, D = S.head_dim, G = S.group();
+  const int row_tiles = (S.q_len + kTileRows - 1) / kTileRows;
+  const int region_tiles = (R + kTileRegions - 1) / kTileRegions;
+  const int r0 = int(blockIdx.x % region_tiles) * kTileRegions;
+  const int64_t rest = blockIdx.x / region_tiles;
+  const int i0 = int(rest % row_tiles) * kTileRows;
+  const int64_t run = p.first_row / S.q_len + rest / row_tiles;  // (b, hs)
+  const TopkRow first = topk_row(p, run * S.q_len + i0);
+  const bool shared_sel = S.sel_heads == S.kv_heads;
+  const T* q = reinterpret_cast<const T*>(p.q);
+  const T* desc = reinterpret_cast<const T*>(p.desc);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+
+  float acc[4][4] = {};
+  for (int d0 = 0; d0 < D; d0 += kTileDepth) {
+    for (int e = threadIdx.x; e < kTileDepth * kTileRows; e += kTileThreads) {
+      const int x = e / kTileDepth, d = d0 + e % kTileDepth, i = i0 + x;
+      float v = 0.f;
+      if (i < S.q_len && d < D) {
+        if (shared_sel) {
+          for (int g = 0; g < G; ++g) v += to_float(q[p.qs.offset(first.b, first.hs * G + g, i) + d]);
+        } else {
+          v = to_float(q[p.qs.offset(first.b, first.hs, i) + d]);
+        }
+      }
+      row_tile[e % kTileDepth][x] = v;
+    }
+    for (int e = threadIdx.x; e < kTileDepth * kTileRegions; e += kTileThreads) {
+      const int x = e / kTileDepth, d = d0 + e % kTileDepth, r = r0 + x;
+      region_tile[e % kTileDepth][x] =
+          r < R && d < D ? to_float(desc[p.ds.offset(first.b, first.hk, r) + d]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int d = 0; d < kTileDepth; ++d) {
+      float a[4], b[4];
+      load_shared_floats<4>(&row_tile[d][ty * 4], a);
+      load_shared_floats<4>(&region_tile[d][tx * 4], b);
+#pragma unroll
+      for (int y = 0; y < 4; ++y) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) acc[y][x] += a[y] * b[x];
+      }
+    }
+    __syncthreads();  // the tiles are refilled next
+  }
+
+  const int64_t first_local = run * S.q_len - p.first_row;  // the run's first row in the launch
+#pragma unroll
+  for (int y = 0; y < 4; ++y) {
+    const int i = i0 + ty * 4 + y;
+    if (i >= S.q_len) continue;
+    const int32_t limit = p.q_pos ? p.q_pos[first.b * S.q_len + i] : kNoCausalLimit;
+    uint32_t* keys = p.key_scratch + (first_local + i) * R;
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = r0 + tx * 4 + x;
+      if (r >= R) continue;
+      // the mean over the group is its sum divided by G, as on the CPU
+      const float score = shared_sel ? acc[y][x] / float(G) : acc[y][x];
+      keys[r] = p.layout.selectable(first.b, r, limit) ? score_order_key(score) : 0u;
+    }
+  }
+}
+
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -218,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   const int lane = threadIdx.x % 32;
 
   float* query = reinterpret_cast<float*>(smem_raw);
-  uint32_t* scored = p.key_scratch + int64_t(blockIdx.x) * R;  // when scoring_kernel ran
+  uint32_t* scored = p.key_scratch + int64_t(blockIdx.x) * R;  // when a scoring kernel ran
   uint32_t* keys = p.keys_in_shared ? reinterpret_cast<uint32_t*>(query + D) : scored;
   uint64_t* sorted =
       p.sort_in_shared
@@ -226,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
           : p.sort_scratch + int64_t(blockIdx.x) * p.sort_size;
   if (threadIdx.x < 4) counters[threadIdx.x] = 0;
 
-  if (p.scoring_blocks == 1) {
+  if (!p.keys_scored) {
     const TopkRow this_row = topk_row(p, row);
     load_topk_query<T>(p, this_row, query);
     score_regions<T, kVec>(p, this_row, query, 0, R, keys);
@@ -324,14 +408,11 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
 
 // Blocks of scoring_kernel per row: with few rows, as many as fill the GPU's slots for the
 // kernel in one wave, but no more than give each a full round of loads (row_groups x
-// kRowsInFlight regions); 1 (topk_kernel scores its row) when the rows alone fill half the
-// slots. GAZE_TOPK_SCORING_BLOCKS=n forces n, for measuring the plan.
+// kRowsInFlight regions); 1 (no scoring_kernel) when the rows alone fill half the slots.
 int plan_scoring_blocks(int64_t rows, int64_t R, int lanes, int resident_per_sm) {
   const int64_t round = int64_t(kWarps) * (32 / lanes) * kRowsInFlight;
   const int64_t slots = int64_t(resident_per_sm) * multiprocessor_count();
-  int64_t blocks = std::min(slots / rows, ceil_div(R, round));
-  if (const int forced = forced_count("GAZE_TOPK_SCORING_BLOCKS"); forced > 0) blocks = forced;
-  return int(std::clamp<int64_t>(blocks, 1, std::max<int64_t>(R, 1)));
+  return int(std::clamp<int64_t>(std::min(slots / rows, ceil_div(R, round)), 1, std::max<int64_t>(R, 1)));
 }
 
 int next_pow2(int64_t x) {
@@ -373,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
     const bool vec = rows_vectorizable<T>(p.desc, D, {p.ds.batch, p.ds.head, p.ds.row});
     p.lanes = lanes_per_row(D / (vec ? 16 / sizeof(T) : 1));
     auto scorer = vec ? scoring_kernel<T, true> : scoring_kernel<T, false>;
+    auto tile_scorer = scoring_tile_kernel<T>;
     auto kernel = vec ? topk_kernel<T, true> : topk_kernel<T, false>;
-    p.scoring_blocks = plan_scoring_blocks(rows, R, p.lanes, resident_blocks(scorer, kThreads, D * 4));
 
     // Shared memory: the query, then the keys and the sort buffer when they fit.
     int64_t shared = D * 4;
@@ -384,16 +465,30 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
     p.sort_in_shared = shared + int64_t(p.sort_size) * 8 <= kSharedBudget;
     if (p.sort_in_shared) shared += int64_t(p.sort_size) * 8;
     TORCH_CHECK(shared <= kSharedBudget, "gaze.region_topk: head dim ", D, " is too large");
-    const bool keys_in_scratch = !p.keys_in_shared || p.scoring_blocks > 1;
-    const int64_t scratch_per_row =
-        (keys_in_scratch ? R * 4 : 0) + (p.sort_in_shared ? 0 : int64_t(p.sort_size) * 8);
+    const int64_t sort_bytes = p.sort_in_shared ? 0 : int64_t(p.sort_size) * 8;
+
+    // Who scores: scoring_tile_kernel for runs of positions long enough to share its tiles
+    // (its launches take whole runs, so the scratch must hold one); else scoring_kernel
+    // with the plan's blocks per row, or the selecting block itself (1).
+    // GAZE_TOPK_SCORING_BLOCKS=n forces n blocks of scoring_kernel per row (1: none), for
+    // measuring the plan.
+    const int forced = forced_count("GAZE_TOPK_SCORING_BLOCKS");
+    const bool tiled = forced == 0 && R > 0 && S.q_len >= kTileRows / 4 &&
+                       kScratchBudget / (R * 4 + sort_bytes) >= S.q_len;
+    p.scoring_blocks = tiled ? 1
+                       : forced > 0 ? int(std::min<int64_t>(forced, std::max<int64_t>(R, 1)))
+                                    : plan_scoring_blocks(rows, R, p.lanes,
+                                                          resident_blocks(scorer, kThreads, D * 4));
+    p.keys_scored = tiled || p.scoring_blocks > 1;
+    const int64_t scratch_per_row = (!p.keys_in_shared || p.keys_scored ? R * 4 : 0) + sort_bytes;
     const int64_t most_rows = 0x7FFFFFFF / p.scoring_blocks;  // a grid's 2^31 - 1 blocks
-    const int64_t rows_per_launch = std::min(
+    int64_t rows_per_launch = std::min(
         most_rows, scratch_per_row == 0
                        ? rows
                        : std::max<int64_t>(1, std::min(rows, kScratchBudget / scratch_per_row)));
+    if (tiled) rows_per_launch -= rows_per_launch % S.q_len;
     at::Tensor key_scratch, sort_scratch;
-    if (keys_in_scratch) {
+    if (!p.keys_in_shared || p.keys_scored) {
       key_scratch = at::empty({rows_per_launch, R}, q.options().dtype(at::kInt));
       p.key_scratch = reinterpret_cast<uint32_t*>(key_scratch.data_ptr<int32_t>());
     }
@@ -407,7 +502,11 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
     for (int64_t first = 0; first < rows; first += rows_per_launch) {
       p.first_row = first;
       const int64_t n = std::min(rows_per_launch, rows - first);
-      if (p.scoring_blocks > 1) {
+      if (tiled) {
+        const int64_t tile_blocks = n / S.q_len * ceil_div(S.q_len, kTileRows) * ceil_div(R, kTileRegions);
+        tile_scorer<<<grid_of(tile_blocks, "region_topk"), dim3(kTileThreads), 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else if (p.scoring_blocks > 1) {
         scorer<<<grid_of(n * p.scoring_blocks, "region_topk"), dim3(kThreads), D * 4, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
