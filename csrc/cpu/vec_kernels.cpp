@@ -12,7 +12,13 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define GAZE_X86_LEVELS 1
+// GCC 12's AVX-512 conversion intrinsics start from an "undefined" register
+// (`__m512i __Y = __Y;`), which -Wmaybe-uninitialized reports, once per inlining,
+// inside the header: a false positive that filled the build log.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 // Vector arguments of always-inline helpers never cross an ABI boundary.
