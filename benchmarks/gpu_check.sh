@@ -14,15 +14,20 @@
 # workers on an H100 machine) or `... gpu_check.sh bench` (build,
 # then both benchmarks with the FlexAttention peer, which the full check leaves out: its
 # Triton kernels compile for up to a minute or two, and the full check's time is counted).
-# `... gpu_check.sh profile` builds and runs Nsight Compute over the decode and prefill steps
-# (benchmarks/profile_case.py): each kernel's speed of light, occupancy, stall reasons and
-# memory traffic, in ncu-decode.txt and ncu-prefill.txt.
+# `... gpu_check.sh profile [decode|prefill]` builds and runs Nsight Compute over the decode
+# and prefill steps, or one of them (benchmarks/profile_case.py): each kernel's speed of
+# light, occupancy, stall reasons and memory traffic, in ncu-decode.txt and ncu-prefill.txt.
 set -uo pipefail
 MODE=${1:-full}
+PROFILE_STEPS="decode prefill"
 case $MODE in
-  full|sanitizers|bench|profile) ;;
+  full|sanitizers|bench) ;;
+  profile) [ $# -gt 1 ] && PROFILE_STEPS=$2
+    case $PROFILE_STEPS in "decode prefill"|decode|prefill) ;;
+      *) echo "$0 profile: decode or prefill, not '$PROFILE_STEPS'" >&2; exit 2 ;; esac ;;
   tests) shift; PYTEST_ARGS=("$@") ;;
-  *) echo "usage: $0 [full|sanitizers|bench|profile|tests [PYTEST ARGS]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [full|sanitizers|bench|profile [decode|prefill]|tests [PYTEST ARGS]]" >&2
+     exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-latest}
@@ -109,8 +114,10 @@ case $MODE in
   full) run_tests 300; sanitize memcheck 80; benchmark 60 100 --no-flex ;;
   profile)
     # decode: 2 steps of each selection mode, every kernel of them (4 a step)
-    profile decode 200 "attention_|merge_splits|scoring_kernel|topk_kernel" 16
-    profile prefill 300 "tiled|region_keys|selection_keys|topk_kernel" 8 ;;
+    [[ $PROFILE_STEPS == *decode* ]] &&
+      profile decode 200 "attention_|merge_splits|scoring_kernel|topk_kernel" 16
+    [[ $PROFILE_STEPS == *prefill* ]] &&
+      profile prefill 300 "tiled|region_keys|selection_keys|scoring_tile|topk_kernel" 8 ;;
   sanitizers) sanitize racecheck 200; sanitize synccheck 100; sanitize initcheck 100 ;;
   tests) run_tests 420 "${PYTEST_ARGS[@]}" ;;
   bench) benchmark 200 240 ;;
