@@ -244,7 +244,9 @@ __global__ void __launch_bounds__(kTileThreads) scoring_tile_kernel(TopkParams p
       float v = 0.f;
       if (i < S.q_len && d < D) {
         if (shared_sel) {
-          for (int g = 0; g < G; ++g) v += to_float(q[p.qs.offset(first.b, first.hs * G + g, i) + d]);
+          for (int g = 0; g < G; ++g) {
+            v += to_float(q[p.qs.offset(first.b, first.hs * G + g, i) + d]);
+          }
         } else {
           v = to_float(q[p.qs.offset(first.b, first.hs, i) + d]);
         }
@@ -412,7 +414,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
 int plan_scoring_blocks(int64_t rows, int64_t R, int lanes, int resident_per_sm) {
   const int64_t round = int64_t(kWarps) * (32 / lanes) * kRowsInFlight;
   const int64_t slots = int64_t(resident_per_sm) * multiprocessor_count();
-  return int(std::clamp<int64_t>(std::min(slots / rows, ceil_div(R, round)), 1, std::max<int64_t>(R, 1)));
+  const int64_t blocks = std::min(slots / rows, ceil_div(R, round));
+  return int(std::clamp<int64_t>(blocks, 1, std::max<int64_t>(R, 1)));
 }
 
 int next_pow2(int64_t x) {
@@ -503,7 +506,8 @@ std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& q, const a
       p.first_row = first;
       const int64_t n = std::min(rows_per_launch, rows - first);
       if (tiled) {
-        const int64_t tile_blocks = n / S.q_len * ceil_div(S.q_len, kTileRows) * ceil_div(R, kTileRegions);
+        const int64_t tile_blocks =
+            n / S.q_len * ceil_div(S.q_len, kTileRows) * ceil_div(R, kTileRegions);
         tile_scorer<<<grid_of(tile_blocks, "region_topk"), dim3(kTileThreads), 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else if (p.scoring_blocks > 1) {
