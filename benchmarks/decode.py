@@ -124,7 +124,7 @@ def flex_variants(q, k, v, layout, selections, gaze_outputs):
     _, Hq, Lq, _ = q.shape
     N = k.shape[2]
     try:
-        attend = flex.compiled_flex_attention()
+        attend, eager = flex.compiled_flex_attention(), flex.eager_flex_attention()
         maps = flex.key_maps(layout, N, q.device)
         variants, facts = {}, {}
         for mode, idx in selections.items():
@@ -134,7 +134,8 @@ def flex_variants(q, k, v, layout, selections, gaze_outputs):
             out = attend(q, k, v, mask)
             variants[f"flex_{mode}"] = lambda mask=mask: attend(q, k, v, mask)
             variants[f"flex_mask_{mode}"] = build
-            facts[mode] = flex.facts(mask, N, out, gaze_outputs[mode])
+            facts[mode] = flex.facts(mask, N, out, gaze_outputs[mode],
+                                     lambda mask=mask: eager(q, k, v, mask))
         return variants, facts
     except Exception as error:  # a peer that cannot run here is reported, not fatal
         return {}, flex.describe_error(error)

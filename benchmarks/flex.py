@@ -82,11 +82,43 @@ def computed_share(block_mask, num_keys: int) -> float:
     return computed.item() / (block_mask.kv_num_blocks.numel() * key_blocks)
 
 
-def facts(block_mask, num_keys: int, out: torch.Tensor, gaze_out: torch.Tensor) -> Dict[str, float]:
+# An output difference from gaze_attention beyond this share of its largest magnitude is
+# more than 16-bit rounding: the reports then check the mask with eager flex_attention too.
+DISAGREEMENT = 1e-2
+
+
+def facts(block_mask, num_keys: int, out: torch.Tensor, gaze_out: torch.Tensor,
+          eager_out: Callable[[], torch.Tensor]) -> Dict[str, float]:
     """What the reports say of one run of the peer: the share of blocks it computes and the
-    largest difference of its output from gaze_attention's."""
-    return dict(computed_share=computed_share(block_mask, num_keys),
-                max_abs_diff=(out.float() - gaze_out.float()).abs().max().item())
+    largest difference of its output from gaze_attention's. When that difference is not
+    small, also eager flex_attention's with the same mask (eager_out() computes it), which
+    tells a wrong mask from a wrong compiled kernel. (On the 2-core AMD EPYC that CI had on
+    2026-12-06, torch 2.14.1's compiled CPU kernel returned NaN in a few rows, or rows off by
+    ~1, in some processes and not others, with enable_gqa or without; eager: 3e-7.)"""
+    def max_abs_diff(candidate: torch.Tensor) -> float:
+        return (candidate.float() - gaze_out.float()).abs().max().item()
+    result = dict(computed_share=computed_share(block_mask, num_keys),
+                  max_abs_diff=max_abs_diff(out))
+    scale = max(1.0, gaze_out.float().abs().max().item())
+    if not result["max_abs_diff"] <= DISAGREEMENT * scale:  # also when it is NaN
+        try:
+            result["eager_max_abs_diff"] = max_abs_diff(eager_out())
+        except Exception as error:  # reported with the compiled figure, not fatal
+            result["eager_error"] = describe_error(error)
+    return result
+
+
+def eager_flex_attention() -> Callable:
+    """compiled_flex_attention's function without torch.compile: the mask_mod evaluated on
+    every (query, key) pair, slow and memory-hungry but independent of the compiled kernel."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def attend(q, k, v, block_mask):
+        with warnings.catch_warnings():  # "use torch.compile": that is the other figure
+            warnings.simplefilter("ignore")
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return attend
 
 
 def compiled_flex_attention() -> Callable:
@@ -112,4 +144,13 @@ def report_lines(facts: Union[None, str, Dict[str, Dict[str, float]]]) -> List[s
         return [f"- FlexAttention peer: {facts}"]
     return [f"- FlexAttention, {label}: computes {fact['computed_share']:.0%} of its (query "
             f"block, key block) pairs; max |out - gaze_attention's out| = "
-            f"{fact['max_abs_diff']:.2g}" for label, fact in facts.items()]
+            f"{fact['max_abs_diff']:.2g}{eager_note(fact)}" for label, fact in facts.items()]
+
+
+def eager_note(fact: Dict[str, float]) -> str:
+    if "eager_max_abs_diff" in fact:
+        return (f" (torch's compiled kernel; eager flex_attention with the same mask: "
+                f"{fact['eager_max_abs_diff']:.2g})")
+    if "eager_error" in fact:
+        return f" (eager flex_attention with the same mask could not run: {fact['eager_error']})"
+    return ""

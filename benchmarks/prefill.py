@@ -123,7 +123,8 @@ def flex_variants(q, k, v, grad, layout, idx, q_pos, gaze_forward):
                 attend(q, k, v, mask).backward(grad)
             forward_backward()  # compiles the backward here, where a failure is reported
             variants["flex_shared_fwd_bwd"] = forward_backward
-        return variants, flex.facts(mask, N, out, gaze_forward)
+        eager = flex.eager_flex_attention()
+        return variants, flex.facts(mask, N, out, gaze_forward, lambda: eager(qd, kd, vd, mask))
     except Exception as error:  # a peer that cannot run here is reported, not fatal
         return {}, flex.describe_error(error)
 

@@ -14,6 +14,12 @@ from gaze_ext import reference
 from helpers import generator, q_positions, random_layout, random_selection
 
 
+def peer_agrees(fact) -> bool:
+    """The FlexAttention peer saw what gaze_attention sees: its compiled output agrees, or,
+    where torch's compiled kernel went wrong, eager flex_attention with the same mask does."""
+    return fact.get("eager_max_abs_diff", fact["max_abs_diff"]) < 1e-5
+
+
 @pytest.fixture
 def quick_timing(monkeypatch):
     fast = benchmarks.common.time_variants
@@ -43,7 +49,7 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     variants = {row["variant"] for row in result["rows"]}
     for mode in ("shared", "per_head"):  # FlexAttention computed the same attention
         assert {f"flex_{mode}", f"flex_mask_{mode}"} <= variants
-        assert result["flex"][mode]["max_abs_diff"] < 1e-5
+        assert peer_agrees(result["flex"][mode])
         assert 0 < result["flex"][mode]["computed_share"] <= 1
     assert "- FlexAttention, shared selection (`flex_shared`;" in text
     assert "attention_shared_padded_fixed" in variants
@@ -73,7 +79,7 @@ def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path)
     assert "flex_shared_fwd" in {row["variant"] for row in result["rows"]}
     topk_row = next(row for row in result["rows"] if row["variant"] == "topk_shared")
     assert "speedup" not in topk_row  # the selection alone has no dense peer
-    assert result["flex"]["max_abs_diff"] < 1e-5  # forward only: no backward on the CPU
+    assert peer_agrees(result["flex"])  # forward only: no backward on the CPU
     assert prefill.main(["--device", "cpu", "--out", str(tmp_path), "--no-flex"]) == 0
     result = json.loads((tmp_path / "prefill-cpu.json").read_text())
     assert not any(row["variant"].startswith("flex") for row in result["rows"])
@@ -149,3 +155,39 @@ def test_kernel_tables_only_for_cuda_runs():
     rows = [dict(kernel="k<1>", us_per_call=12.5, launches_per_call=1.0)]
     lines = kernel_sections({"step": rows})
     assert "| k<1> | 12.5 | 1 |" in lines[-1] and "`step`" in lines[1]
+
+
+def test_flex_facts_check_the_mask_eagerly_only_when_the_compiled_output_disagrees():
+    layout = gaze_ext.build_layout([(0, 1, 4, 4)], 20)
+    idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    mask = flex.selection_block_mask(flex.key_maps(layout, 20, "cpu"), idx, None, 1, 1)
+    gaze_out = torch.rand(1, 1, 1, 8) * 0.5
+    eager_calls = []
+
+    def eager():
+        eager_calls.append(1)
+        return gaze_out + 2 ** -23  # exact in float32 where |out| < 1
+
+    agreeing = flex.facts(mask, 20, gaze_out + 1e-6, gaze_out, eager)
+    assert not eager_calls and "eager_max_abs_diff" not in agreeing and peer_agrees(agreeing)
+    for wrong in (gaze_out + 1.0, torch.full_like(gaze_out, float("nan"))):
+        fact = flex.facts(mask, 20, wrong, gaze_out, eager)
+        assert fact["eager_max_abs_diff"] < 1e-6 and peer_agrees(fact)
+        assert "eager flex_attention with the same mask: 1.2e-07" in flex.report_lines({"x": fact})[0]
+    assert len(eager_calls) == 2
+    fact = flex.facts(mask, 20, gaze_out + 1.0, gaze_out, lambda: gaze_out + 1.0)
+    assert not peer_agrees(fact)  # a wrong mask shows in both outputs
+
+
+def test_flex_facts_report_an_eager_check_that_could_not_run():
+    layout = gaze_ext.build_layout([(0, 1, 4, 4)], 20)
+    idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    mask = flex.selection_block_mask(flex.key_maps(layout, 20, "cpu"), idx, None, 1, 1)
+
+    def out_of_memory():
+        raise RuntimeError("out of memory")
+
+    gaze_out = torch.zeros(1, 1, 1, 8)
+    fact = flex.facts(mask, 20, gaze_out + 1.0, gaze_out, out_of_memory)
+    assert fact["eager_error"] == "RuntimeError: out of memory" and not peer_agrees(fact)
+    assert "could not run: RuntimeError: out of memory" in flex.report_lines({"x": fact})[0]
