@@ -157,10 +157,15 @@ def test_kernel_tables_only_for_cuda_runs():
     assert "| k<1> | 12.5 | 1 |" in lines[-1] and "`step`" in lines[1]
 
 
-def test_flex_facts_check_the_mask_eagerly_only_when_the_compiled_output_disagrees():
+def tiny_block_mask():
+    """A block mask over one 4x4 region of 20 keys, for one query (what facts() is given)."""
     layout = gaze_ext.build_layout([(0, 1, 4, 4)], 20)
     idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
-    mask = flex.selection_block_mask(flex.key_maps(layout, 20, "cpu"), idx, None, 1, 1)
+    return flex.selection_block_mask(flex.key_maps(layout, 20, "cpu"), idx, None, 1, 1)
+
+
+def test_flex_facts_check_the_mask_eagerly_only_when_the_compiled_output_disagrees():
+    mask = tiny_block_mask()
     gaze_out = torch.rand(1, 1, 1, 8) * 0.5
     eager_calls = []
 
@@ -173,16 +178,15 @@ def test_flex_facts_check_the_mask_eagerly_only_when_the_compiled_output_disagre
     for wrong in (gaze_out + 1.0, torch.full_like(gaze_out, float("nan"))):
         fact = flex.facts(mask, 20, wrong, gaze_out, eager)
         assert fact["eager_max_abs_diff"] < 1e-6 and peer_agrees(fact)
-        assert "eager flex_attention with the same mask: 1.2e-07" in flex.report_lines({"x": fact})[0]
+        line = flex.report_lines({"x": fact})[0]
+        assert "eager flex_attention with the same mask: 1.2e-07" in line
     assert len(eager_calls) == 2
     fact = flex.facts(mask, 20, gaze_out + 1.0, gaze_out, lambda: gaze_out + 1.0)
     assert not peer_agrees(fact)  # a wrong mask shows in both outputs
 
 
 def test_flex_facts_report_an_eager_check_that_could_not_run():
-    layout = gaze_ext.build_layout([(0, 1, 4, 4)], 20)
-    idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
-    mask = flex.selection_block_mask(flex.key_maps(layout, 20, "cpu"), idx, None, 1, 1)
+    mask = tiny_block_mask()
 
     def out_of_memory():
         raise RuntimeError("out of memory")
