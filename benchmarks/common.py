@@ -89,6 +89,29 @@ def memory_bandwidth(device: str, nbytes: int = 1 << 28) -> Dict[str, float]:
     return {"read": nbytes / times["read"], "copy": 2 * nbytes / times["copy"]}
 
 
+# Last-level cache assumed where the CPU's cannot be read (sysfs missing)
+FALLBACK_LAST_LEVEL_CACHE = 32 << 20
+
+
+def last_level_cache_bytes(device: str) -> int:
+    """Bytes of the cache in front of memory: the GPU's L2, or the CPU's largest cache
+    (sysfs, whose sizes read like "16384K")."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).L2_cache_size
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            if entry.startswith("index"):
+                with open(os.path.join(root, entry, "size")) as f:
+                    text = f.read().strip()
+                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+                sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    except (OSError, ValueError):
+        pass
+    return max(sizes) if sizes else FALLBACK_LAST_LEVEL_CACHE
+
+
 def environment(device: str) -> Dict[str, str]:
     info = {
         "torch": torch.__version__,

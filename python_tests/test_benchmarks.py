@@ -46,6 +46,9 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     assert "shared selection: region_topk + gaze_attention is" in text
     assert "of the read bandwidth measured above (no target on this device)" in text
     assert [row["dtype"] for row in result["other_dtypes"]] == ["bfloat16", "float16"]
+    # a tiny step cannot leave the cache: the most copies, and the report says so
+    assert result["cache"]["copies"] == decode.MAX_CACHE_COPIES
+    assert f"KV caches: {decode.MAX_CACHE_COPIES} copies" in text and "(under 2x:" in text
     variants = {row["variant"] for row in result["rows"]}
     for mode in ("shared", "per_head"):  # FlexAttention computed the same attention
         assert {f"flex_{mode}", f"flex_mask_{mode}"} <= variants
@@ -65,6 +68,19 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     text = decode.report(result)
     assert "of the copy bandwidth measured above (target 70%): **MISS**" in text
     assert "instead of the plan's: 1: 80.0 us, 8: 41.5 us (the plan: " in text
+
+
+def test_decode_cache_copies_leave_the_last_level_cache(monkeypatch):
+    monkeypatch.setattr(decode, "last_level_cache_bytes", lambda device: 16 << 20)
+    # 3 other copies x 12 MB moved between two steps on one: at least twice the 16 MB cache
+    assert decode.copies_needed(12 << 20, "cpu") == 4
+    assert decode.copies_needed(64 << 20, "cpu") == 2
+    assert decode.copies_needed(1, "cpu") == decode.MAX_CACHE_COPIES
+    seen = []
+    step = decode.rotating(["a", "b", "c"], seen.append)
+    for _ in range(7):
+        step()
+    assert seen == ["a", "b", "c", "a", "b", "c", "a"]
 
 
 def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
