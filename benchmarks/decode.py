@@ -110,6 +110,18 @@ def torch_gather_attention(q, k, v, fixed, regions, idx):
     return out.view(B, Hq, 1, D)
 
 
+def shared_step_rows(layout, regions, idx, num_keys: int) -> torch.Tensor:
+    """Row numbers, in k.view(-1, D), of the distinct rows a shared-selection step reads:
+    each (batch, KV head)'s fixed tokens and the tokens of its selected regions."""
+    B, Hs = idx.shape[:2]
+    sel = idx[:, :, 0].long()                                            # [B, Hs, K]
+    pos = regions[sel.clamp(min=0)]                                      # [B, Hs, K, S]
+    pos = torch.where((sel >= 0)[..., None], pos, -1).flatten(2)
+    pos = torch.cat([layout.fixed_tokens.long().expand(B, Hs, -1), pos], dim=2)
+    base = torch.arange(B * Hs, device=idx.device).view(B, Hs, 1) * num_keys
+    return (base + pos)[pos >= 0]
+
+
 def row_counts(layout, idx, share: bool, G: int) -> Dict[str, float]:
     """Key rows per (batch, KV head) and query: those the kernel reads (fixed rows once per
     group, region rows once per selection head) and the distinct rows any head needs."""
@@ -256,6 +268,20 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                 "GAZE_ATTENTION_KERNEL", "split_block", variants[f"attention_{mode}"])
             variants[f"topk_{mode}_one_block"] = with_env(
                 "GAZE_TOPK_SCORING_BLOCKS", "1", variants[f"topk_{mode}"])
+    # The shared step's distinct K and V rows copied out by torch.index_select, with no
+    # arithmetic: the rate at which these gathered rows can be read here.
+    gathers = []
+    for c in copies:
+        rows = shared_step_rows(layout, regions, c.idx["shared"], N)
+        gathers.append((c.k.view(-1, D), c.v.view(-1, D), rows,
+                        torch.empty(2, rows.numel(), D, device=device, dtype=dtype)))
+
+    def gather_rows(g):
+        k_rows, v_rows, rows, out = g
+        torch.index_select(k_rows, 0, rows, out=out[0])
+        torch.index_select(v_rows, 0, rows, out=out[1])
+
+    variants["gather_rows_shared"] = rotating(gathers, gather_rows)
     # The shared step's fixed tokens padded with -1 to the cache's length, as a cache that
     # sized its fixed list by its capacity would pass them: the split-K kernels read every
     # entry (GazeKVCache sizes the list by the steps left instead).
@@ -285,6 +311,7 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                              (f"torch_gather_{mode}", attn_bytes[mode]),
                              (f"flex_{mode}", attn_bytes[mode]), (f"flex_mask_{mode}", None),
                              (f"attention_{mode}_padded_fixed", attn_bytes[mode]),
+                             (f"gather_rows_{mode}", attn_bytes[mode]),
                              (f"attention_{mode}_block", attn_bytes[mode]),
                              (f"topk_{mode}_one_block", topk_bytes)):
             if name not in times:
@@ -393,6 +420,12 @@ def report(result: Dict[str, object]) -> str:
                  f"{result['floor_bandwidth']} bandwidth measured above"
                  + (f" (target {target:.0%}): **{result['verdicts']['attention_bandwidth']}**"
                     if target is not None else " (no target on this device)"))
+    gbps = {r["variant"]: r.get("GBps") for r in result["rows"]}
+    if gbps.get("gather_rows_shared"):
+        lines.append(f"- `gather_rows_shared` (torch.index_select of the shared step's distinct "
+                     f"K and V rows, no arithmetic) reads them at "
+                     f"{gbps['gather_rows_shared']:.1f} GB/s; gaze_attention moves its bytes at "
+                     f"{gbps['attention_shared'] / gbps['gather_rows_shared']:.0%} of that rate")
     padded = result.get("padded_fixed")
     if padded:
         lines.append(f"- `attention_shared_padded_fixed`: the same step with its fixed-token list "

@@ -56,6 +56,7 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
         assert 0 < result["flex"][mode]["computed_share"] <= 1
     assert "- FlexAttention, shared selection (`flex_shared`;" in text
     assert "attention_shared_padded_fixed" in variants
+    assert "- `gather_rows_shared` (torch.index_select of the shared step's distinct" in text
     assert result["padded_fixed"]["valid"] < result["padded_fixed"]["entries"] == result["keys"]
     assert "padded with -1 to the cache's length" in text
     assert {"attention_shared_block", "topk_per_head_one_block"} <= variants
@@ -81,6 +82,29 @@ def test_decode_cache_copies_leave_the_last_level_cache(monkeypatch):
     for _ in range(7):
         step()
     assert seen == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_shared_step_rows_are_the_distinct_rows_counted():
+    torch.manual_seed(0)
+    B, Hkv, N, D = 2, 3, 61, 4
+    layout = gaze_ext.build_layout([(0, 2, 5, 6)], N, region_shape=(1, 2, 4))
+    q = torch.randn(B, Hkv, 1, D)
+    desc = torch.randn(B, Hkv, layout.num_regions, D)
+    idx, _ = gaze_ext.ops.region_topk(q, desc, layout.region_ptr, 3, True)
+    idx[0, 1, 0, 2] = -1  # an empty slot
+    rows = decode.shared_step_rows(layout, decode.padded_regions(layout), idx, N)
+    counts = decode.row_counts(layout, idx, True, 1)
+    assert rows.numel() == counts["distinct"] * B * Hkv
+    assert len(set(rows.tolist())) == rows.numel()  # no row twice
+    ptr, tokens = layout.region_ptr.tolist(), layout.region_tokens.tolist()
+    for b in range(B):
+        for h in range(Hkv):
+            expect = set(layout.fixed_tokens.tolist())
+            for r in idx[b, h, 0].tolist():
+                if r >= 0:
+                    expect |= set(tokens[ptr[r]:ptr[r + 1]])
+            head = (b * Hkv + h) * N
+            assert {x - head for x in rows.tolist() if head <= x < head + N} == expect
 
 
 def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
