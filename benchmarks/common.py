@@ -78,6 +78,18 @@ def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], No
     return run
 
 
+def with_threads(threads: int, fn: Callable[[], object]) -> Callable[[], None]:
+    """fn run with torch's CPU thread count set to `threads`, restored afterwards."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
 def memory_bandwidth(device: str, nbytes: int = 1 << 28) -> Dict[str, float]:
     """Measured bytes/s: 'read' (a sum over a buffer) and 'copy' (a device-to-device copy,
     counting bytes read plus written), on buffers far larger than the caches we hope for."""

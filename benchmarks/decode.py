@@ -30,7 +30,7 @@ from gaze_ext import ops
 from . import flex
 from .common import (benchmark_main, environment, kernel_sections, kernel_times,
                      last_level_cache_bytes, markdown_table, memory_bandwidth, time_variants,
-                     with_env)
+                     with_env, with_threads)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -76,6 +76,9 @@ SPLIT_SWEEP = {"cpu": (), "cuda": (1, 2, 4, 8, 16, 32, 64)}
 # instead of the streamed one) and topk_{mode}_one_block (GAZE_TOPK_SCORING_BLOCKS=1: each row
 # scored by its selecting block alone, without scoring_kernel)
 ALTERNATIVES = {"cpu": False, "cuda": True}
+# CPU: the shared step again with one KV head (a single (batch, KV head) task, whose keys
+# the forward splits over the threads), against one thread and against dense
+ONE_KV_HEAD = {"cpu": True, "cuda": False}
 # selection modes: one selection per KV head (shared by its query heads), or per query head
 MODES = {"shared": True, "per_head": False}
 # KV cache copies rotated at most (copies_needed), for shapes too small to leave the cache
@@ -345,6 +348,8 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                                   / times["attention_shared"]),
                 other_dtypes=[other_dtype_row(shape, device, name, q, layout, K,
                                               step_bytes / elt) for name in OTHER_DTYPES[device]],
+                one_kv_head=one_kv_head_row(shape, device, layout, K) if ONE_KV_HEAD[device]
+                else None,
                 kernels={name: kernel_times(variants[name], device)
                          for name in ("gaze_shared", "sdpa_grouped_rows", "sdpa_gqa", "flex_shared")
                          if name in variants},
@@ -377,6 +382,44 @@ def other_dtype_row(shape: DecodeShape, device: str, dtype_name: str, q, layout,
     dense = min(times["sdpa_gqa"], times["sdpa_grouped_rows"])
     return dict(dtype=dtype_name, dense_ms=dense * 1e3, gaze_shared_ms=times["gaze_shared"] * 1e3,
                 speedup=dense / times["gaze_shared"], copies=count)
+
+
+def one_kv_head_row(shape: DecodeShape, device: str, layout, K: int) -> Dict[str, object]:
+    """The shared-selection step with a single KV head and its G query heads, the same cache
+    length: one (batch, KV head) task, so the CPU forward splits its keys over the threads.
+    Timed on all threads and on one, against the faster dense peer at that shape."""
+    G, D, N = shape.q_heads // shape.kv_heads, shape.head_dim, shape.keys
+    dtype = shape.torch_dtype
+    q = torch.randn(1, G, 1, D, device=device, dtype=dtype)
+    copies = [cache_copy(q, layout, K, (1, 1, N, D), dtype, device)]
+    step_bytes = 2 * D * copies[0].k.element_size() * row_counts(
+        layout, copies[0].idx["shared"], True, G)["distinct"]
+    while len(copies) < copies_needed(step_bytes, device):
+        copies.append(cache_copy(q, layout, K, (1, 1, N, D), dtype, device))
+
+    def attention(c):
+        return ops.gaze_attention(q, c.k, c.v, layout.region_ptr, layout.region_tokens,
+                                  layout.fixed_tokens, c.idx["shared"])
+
+    def gaze_step(c):
+        sel, _ = ops.region_topk(q, c.desc, layout.region_ptr, K, True)
+        return ops.gaze_attention(q, c.k, c.v, layout.region_ptr, layout.region_tokens,
+                                  layout.fixed_tokens, sel)
+
+    times = time_variants({
+        "sdpa_gqa": rotating(copies, lambda c: F.scaled_dot_product_attention(
+            q, c.k, c.v, enable_gqa=True)),
+        "sdpa_grouped_rows": rotating(copies, lambda c: F.scaled_dot_product_attention(
+            q.view(1, 1, G, D), c.k, c.v)),
+        "gaze_shared": rotating(copies, gaze_step),
+        "attention_shared": rotating(copies, attention),
+        "attention_shared_one_thread": with_threads(1, rotating(copies, attention))}, device)
+    dense = min(times["sdpa_gqa"], times["sdpa_grouped_rows"])
+    return dict(q_heads=G, threads=torch.get_num_threads(), copies=len(copies),
+                dense_ms=dense * 1e3, gaze_shared_ms=times["gaze_shared"] * 1e3,
+                speedup=dense / times["gaze_shared"],
+                attention_ms=times["attention_shared"] * 1e3,
+                attention_one_thread_ms=times["attention_shared_one_thread"] * 1e3)
 
 
 def report(result: Dict[str, object]) -> str:
@@ -463,6 +506,17 @@ def report(result: Dict[str, object]) -> str:
                   "the faster dense peer in that type (no target).",
                   "", markdown_table(result["other_dtypes"],
                                      ["dtype", "copies", "dense_ms", "gaze_shared_ms", "speedup"])]
+    one = result.get("one_kv_head")
+    if one:
+        lines += ["", f"One KV head (B=1, Hq={one['q_heads']}, Hkv=1, the same cache; "
+                  f"{one['copies']} copies): a single (batch, KV head) task, whose key blocks "
+                  f"the CPU forward splits over the {one['threads']} threads and merges by "
+                  f"log-sum-exp. gaze_attention takes {one['attention_ms']:.3f} ms, against "
+                  f"{one['attention_one_thread_ms']:.3f} ms on one thread "
+                  f"({one['attention_one_thread_ms'] / one['attention_ms']:.2f}x); "
+                  f"region_topk + gaze_attention {one['gaze_shared_ms']:.3f} ms, "
+                  f"{one['speedup']:.2f}x faster than the faster dense peer "
+                  f"({one['dense_ms']:.3f} ms)."]
     return "\n".join(lines) + "\n"
 
 

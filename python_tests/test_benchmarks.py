@@ -63,6 +63,10 @@ def test_decode_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path):
     assert "- `attention_shared_block`: the block-synchronous split-K forward" in text
     assert "- `topk_per_head_one_block`: region_topk with one block per row" in text
     assert result["split_sweep"] == []  # GAZE_SPLITS is for the CUDA kernels
+    one = result["one_kv_head"]
+    assert one["q_heads"] == 2 and one["threads"] == torch.get_num_threads()
+    assert one["attention_ms"] > 0 and one["attention_one_thread_ms"] > 0
+    assert f"One KV head (B=1, Hq=2, Hkv=1, the same cache; {one['copies']} copies)" in text
     result.update(bandwidth_target=0.7, floor_bandwidth="copy")  # as a CUDA run reports it
     result["verdicts"]["attention_bandwidth"] = "MISS"
     result["split_sweep"] = [dict(splits=1, us=80.0), dict(splits=8, us=41.5)]

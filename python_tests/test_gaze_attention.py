@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,16 @@ from gaze_ext.layout import GazeLayout
 from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
                      q_positions, qkv_shapes, random_batch_layout, random_selection,
                      random_tensor)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def layout_args(layout: GazeLayout, device):
@@ -175,18 +187,60 @@ def test_cpu_backward_query_chunks_match_one_thread():
     grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
 
     def grads(threads):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with cpu_threads(threads):
             leaves = [t.clone().requires_grad_() for t in inputs]
             out, _ = ops.gaze_attention(*leaves, *layout_args(layout, "cpu"), idx, q_pos)
             out.backward(grad)
             return [t.grad for t in leaves]
-        finally:
-            torch.set_num_threads(before)
 
-    for one, many in zip(grads(1), grads(7)):  # 7 threads, 2 heads: 4 chunks of rows
+    for one, many in zip(grads(1), grads(7)):  # 7 threads, 2 heads: 3 chunks of rows
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, sel, causal, threads", [
+    (1, 4, 1, 1, "kv", False, 2),   # a decode step of one task: both threads on its keys
+    (1, 4, 1, 1, "kv", False, 5),
+    (1, 6, 2, 1, "q", True, 3),     # per-head selection, causal: 2 tasks, 3 splits each
+    (1, 3, 1, 2, "kv", True, 5),    # two rows: 1-2 key blocks for 5 splits, and no key
+    (3, 2, 1, 1, "kv", False, 2),   # 3 tasks on 2 threads: split to fill the last round
+])
+def test_cpu_forward_key_splits_match_reference(B, Hq, Hkv, Lq, sel, causal, threads):
+    """With fewer (batch, KV head, row) tasks than threads, or a count that leaves threads
+    idle in the last round, the CPU forward splits each task's key blocks and merges the
+    splits' softmax states: the reference's output and lse, a different float32 rounding
+    from one thread's (so the split path ran), the same float64 result within rounding."""
+    gen = generator(90 + threads)
+    N, D, K = 6000, 16, 6
+    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=12)
+    idx = random_selection(gen, (B, Hkv if sel == "kv" else Hq, Lq, K), layout.num_regions)
+    q_pos = None
+    if causal:
+        q_pos = q_positions(gen, B, Lq, N, low=N // 4)
+        if Lq > 1:
+            q_pos[0, 0] = 200  # a row with fewer key blocks than splits
+            q_pos[0, -1] = -1  # a row that sees no key: out 0, lse -inf
+    inputs = [torch.randn(s, generator=gen, dtype=torch.float64)
+              for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
+    args = (*layout_args(layout, "cpu"), idx, q_pos, 0.4)
+    ref_out, ref_lse = reference.gaze_attention(*inputs, *args)
+
+    def forward(threads, dtype):
+        with cpu_threads(threads):
+            return ops.gaze_attention(*[t.to(dtype) for t in inputs], *args)
+
+    out64, lse64 = forward(threads, torch.float64)
+    one_out64, one_lse64 = forward(1, torch.float64)
+    torch.testing.assert_close(out64, one_out64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse64, one_lse64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out64, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse64, ref_lse, rtol=1e-10, atol=1e-10)
+    out32, lse32 = forward(threads, torch.float32)
+    one_out32, _ = forward(1, torch.float32)
+    assert not torch.equal(out32, one_out32), "the split path did not run"
+    torch.testing.assert_close(out32.double(), ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse32.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    out16, _ = forward(threads, torch.bfloat16)
+    torch.testing.assert_close(out16.double(), ref_out, rtol=2e-2, atol=8e-3)
 
 
 @pytest.mark.parametrize("share_kv, causal, topk, scale, cached, regions", [

@@ -122,6 +122,14 @@ GAZE_HD T softmax_normalizer(T sum) {
   return sum > T(0) ? T(1) / sum : T(0);
 }
 
+// Weight of one split's partial (max, sum, accumulator) when the splits of a key list are
+// merged: 2^(split_max - safe_max), where safe_max is softmax_safe_max of the largest split
+// max; 0 for a split that saw no key.
+template <typename T>
+GAZE_HD T softmax_split_weight(T split_max, T safe_max) {
+  return exp2_approx(split_max - safe_max);
+}
+
 // ---------------------------------------------------------------------------
 // Region descriptors.
 // ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // CPU gaze_attention forward and backward.
 //
-// Forward: one task per (batch, KV head, query row); backward: one per (batch,
+// Forward: one task per (batch, KV head, query row), split into ranges of its key
+// blocks when there are too few tasks for the threads; backward: one per (batch,
 // KV head, chunk of query rows). A task holds the G query heads of the KV head's
 // group, so each fixed key row (and, with a shared selection, each region key
 // row) is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock
@@ -18,46 +19,70 @@
 
 #include "../common/dispatch.h"
 #include "../common/op_args.h"
+#include "../common/work_split.h"
 #include "key_lists.h"
 #include "vec_kernels.h"
 
 namespace gaze::cpu {
 namespace {
 
-// The keys a query row sees: the fixed tokens for all G heads of the group,
-// then the selected regions, for all heads (shared selection) or for each head
-// on its own. visit(g0, gc, positions, n, next, next_n) gets each block, for heads
-// [g0, g0 + gc), and the block after it.
+// The keys a query row sees: the fixed tokens for all G heads of the group, then the
+// selected regions, for all heads (shared selection) or for each head on its own. Their
+// blocks are numbered in that order, so a split of a row's work is a range of blocks.
 struct KeyLists {
   std::vector<int32_t> all_heads;               // fixed (+ regions of a shared selection)
   std::vector<std::vector<int32_t>> per_head;   // regions of each head's own selection
-};
+  int32_t group = 1;                            // G
+  bool shared = true;
 
-template <typename Visit>
-void for_each_key_block(const AttentionArgs& a, const LayoutView& layout, int64_t b,
-                        int32_t kv_head, int32_t i, int32_t limit, KeyLists& lists,
-                        Visit&& visit) {
-  const AttentionShape& S = a.shape;
-  const int32_t G = S.group(), K = S.topk;
-  const int32_t* idx = a.idx.const_data_ptr<int32_t>();
-  auto slots_of = [&](int32_t sel_head) {
-    return idx + ((b * S.sel_heads + sel_head) * S.q_len + i) * int64_t(K);
-  };
-  const bool shared = S.sel_heads != S.q_heads || G == 1;
-  lists.all_heads.clear();
-  append_fixed_keys(layout, b, limit, lists.all_heads);
-  if (shared) append_selected_keys(layout, b, slots_of(kv_head), K, limit, lists.all_heads);
-  for_each_block(lists.all_heads, [&](const int32_t* pos, int n, const int32_t* next,
-                                      int next_n) { visit(0, G, pos, n, next, next_n); });
-  if (shared) return;
-  lists.per_head.resize(G);
-  for (int32_t g = 0; g < G; ++g) {
-    lists.per_head[g].clear();
-    append_selected_keys(layout, b, slots_of(kv_head * G + g), K, limit, lists.per_head[g]);
-    for_each_block(lists.per_head[g], [&](const int32_t* pos, int n, const int32_t* next,
-                                          int next_n) { visit(g, 1, pos, n, next, next_n); });
+  void collect(const AttentionArgs& a, const LayoutView& layout, int64_t b, int32_t kv_head,
+               int32_t i, int32_t limit) {
+    const AttentionShape& S = a.shape;
+    const int32_t K = S.topk;
+    const int32_t* idx = a.idx.const_data_ptr<int32_t>();
+    auto slots_of = [&](int32_t sel_head) {
+      return idx + ((b * S.sel_heads + sel_head) * S.q_len + i) * int64_t(K);
+    };
+    group = S.group();
+    shared = S.sel_heads != S.q_heads || group == 1;
+    all_heads.clear();
+    append_fixed_keys(layout, b, limit, all_heads);
+    if (shared) {
+      append_selected_keys(layout, b, slots_of(kv_head), K, limit, all_heads);
+      return;
+    }
+    per_head.resize(group);
+    for (int32_t g = 0; g < group; ++g) {
+      per_head[g].clear();
+      append_selected_keys(layout, b, slots_of(kv_head * group + g), K, limit, per_head[g]);
+    }
   }
-}
+
+  int64_t blocks() const {
+    int64_t n = num_blocks(all_heads);
+    if (!shared) {
+      for (const auto& keys : per_head) n += num_blocks(keys);
+    }
+    return n;
+  }
+
+  // visit(g0, gc, positions, n, next, next_n) for each of the blocks [first, last), with
+  // the heads [g0, g0 + gc) that see it and the block after it in the same list.
+  template <typename Visit>
+  void visit(int64_t first, int64_t last, Visit&& visit) const {
+    int64_t offset = 0;  // the number of the list's first block
+    auto visit_list = [&](const std::vector<int32_t>& keys, int g0, int gc) {
+      for_each_block(keys, first - offset, last - offset,
+                     [&](const int32_t* pos, int n, const int32_t* next, int next_n) {
+                       visit(g0, gc, pos, n, next, next_n);
+                     });
+      offset += num_blocks(keys);
+    };
+    visit_list(all_heads, 0, group);
+    if (shared) return;
+    for (int32_t g = 0; g < group && offset < last; ++g) visit_list(per_head[g], g, 1);
+  }
+};
 
 // K and V rows of one (batch, KV head) for a block of positions.
 template <typename scalar_t>
@@ -76,6 +101,22 @@ struct RowGather {
   }
 };
 
+// A decode step has few (batch, KV head, query row) tasks. With fewer than the threads, or
+// a count that leaves threads idle in the last round, each task's key blocks are split and
+// the splits' online-softmax states merged by log-sum-exp, as the CUDA split-K forward does.
+// Splits of at least kMinSplitKeys keys (estimated from the layout), so that the merge stays
+// small beside the rows read. The result's rounding thus follows the thread count.
+constexpr int64_t kMinSplitKeys = 512;
+
+int64_t plan_forward_splits(const AttentionArgs& a, int64_t tasks) {
+  const AttentionShape& S = a.shape;
+  const bool per_head = S.sel_heads == S.q_heads && S.group() > 1;
+  const int64_t region_keys = a.layout.region_tokens.size(-1) / std::max<int64_t>(1, a.layout.num_regions);
+  const int64_t keys = a.layout.fixed_tokens.size(-1) +
+                       int64_t(S.topk) * (per_head ? S.group() : 1) * region_keys;
+  return pieces_filling_rounds(tasks, at::get_num_threads(), keys / kMinSplitKeys);
+}
+
 template <typename scalar_t>
 void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
   using acc = acc_t<scalar_t>;
@@ -92,12 +133,20 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t splits = plan_forward_splits(a, tasks);
+  // With splits: each split's state per head, [tasks, splits, G, D + 2] (accumulator, max, sum)
+  const int64_t state_size = int64_t(G) * (D + 2);
+  at::Tensor states;
+  if (splits > 1) states = at::empty({tasks, splits, state_size}, lse.options());
+  acc* state_data = splits > 1 ? states.data_ptr<acc>() : nullptr;
+
+  at::parallel_for(0, tasks * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> queries(G * D), accum(G * D), scores(G * kKeyBlock);
     std::vector<acc> row_max(G), row_sum(G);
     RowGather<scalar_t> rows;
     KeyLists lists;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t task = item / splits, split = item % splits;
       const int64_t b = task / (int64_t(S.kv_heads) * Lq);
       const int32_t hk = static_cast<int32_t>((task / Lq) % S.kv_heads);
       const int32_t i = static_cast<int32_t>(task % Lq);
@@ -135,14 +184,52 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
         }
         accumulate_rows(s, kKeyBlock, gc, rows.v_rows, n, D, accum.data() + g0 * D);
       };
-      for_each_key_block(a, layout, b, hk, i, limit, lists, attend);
+      lists.collect(a, layout, b, hk, i, limit);
+      const int64_t blocks = lists.blocks();
+      lists.visit(blocks * split / splits, blocks * (split + 1) / splits, attend);
 
+      if (splits > 1) {
+        acc* state = state_data + item * state_size;
+        std::copy(accum.begin(), accum.end(), state);
+        std::copy(row_max.begin(), row_max.end(), state + G * D);
+        std::copy(row_sum.begin(), row_sum.end(), state + G * (D + 1));
+        continue;
+      }
       for (int32_t g = 0; g < G; ++g) {
-        const int32_t h = hk * G + g;
-        const int64_t row = (b * S.q_heads + h) * int64_t(Lq) + i;
+        const int64_t row = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
         store_row(accum.data() + g * D, D, softmax_normalizer(row_sum[g]), out_data + row * D);
         lse_data[row] = softmax_lse(row_max[g], row_sum[g]);
       }
+    }
+  });
+  if (splits == 1) return;
+
+  // out = sum_s w_s acc_s / sum_s w_s l_s, w_s = softmax_split_weight(m_s, max_s m_s)
+  at::parallel_for(0, tasks * G, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc> merged(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t task = item / G;
+      const int32_t g = static_cast<int32_t>(item % G);
+      const acc* first = state_data + task * splits * state_size;
+      auto split_max = [&](int64_t s) { return first[s * state_size + G * D + g]; };
+      auto split_sum = [&](int64_t s) { return first[s * state_size + G * (D + 1) + g]; };
+      acc max = -std::numeric_limits<acc>::infinity();
+      for (int64_t s = 0; s < splits; ++s) max = std::max(max, split_max(s));
+      const acc safe_max = softmax_safe_max(max);
+      acc sum = 0;
+      std::fill(merged.begin(), merged.end(), acc(0));
+      for (int64_t s = 0; s < splits; ++s) {
+        const acc w = softmax_split_weight(split_max(s), safe_max);
+        sum += w * split_sum(s);
+        const acc* split_acc = first + s * state_size + g * D;
+        for (int32_t d = 0; d < D; ++d) merged[d] += w * split_acc[d];
+      }
+      const int64_t b = task / (int64_t(S.kv_heads) * Lq);
+      const int32_t hk = static_cast<int32_t>((task / Lq) % S.kv_heads);
+      const int32_t i = static_cast<int32_t>(task % Lq);
+      const int64_t row = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
+      store_row(merged.data(), D, softmax_normalizer(sum), out_data + row * D);
+      lse_data[row] = softmax_lse(max, sum);
     }
   });
 }
@@ -173,13 +260,13 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
 
   // One task per (batch, KV head, chunk of query rows). Chunk 0 of a head writes its dk/dv
   // rows, chunk c > 0 its own copy in `parts`, added in chunk order at the end (no races,
-  // the same sums on every run). Chunks only when there are fewer heads than threads, and
-  // no more than the copies' memory budget allows.
+  // the same sums for a given thread count). Chunks only where the heads leave threads idle
+  // (pieces_filling_rounds), and no more than the copies' memory budget allows.
   const int64_t heads = int64_t(S.batch) * S.kv_heads, head_elems = N * D;
   constexpr int64_t kPartsBudget = int64_t(256) << 20;  // bytes of dk/dv copies
   const int64_t affordable = 1 + kPartsBudget / std::max<int64_t>(1, 2 * heads * head_elems * sizeof(acc));
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>({(at::get_num_threads() + heads - 1) / heads, Lq, affordable}));
+  const int64_t chunks =
+      pieces_filling_rounds(heads, at::get_num_threads(), std::min<int64_t>(Lq, affordable));
   at::Tensor parts;  // [2, chunks - 1, heads, N, D]: dk then dv copies
   if (chunks > 1) parts = at::zeros({2, chunks - 1, heads, N, D}, dk_acc.options());
   acc* parts_data = chunks > 1 ? parts.data_ptr<acc>() : nullptr;
@@ -244,7 +331,8 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           scatter_rows(dp, kKeyBlock, gc, q_raw.data() + g0 * D, dk_rows, n, D);
           scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
         };
-        for_each_key_block(a, layout, b, hk, i, limit, lists, attend);
+        lists.collect(a, layout, b, hk, i, limit);
+        lists.visit(0, lists.blocks(), attend);
 
         for (int32_t g = 0; g < G; ++g) {
           const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;

@@ -40,15 +40,27 @@ inline void append_selected_keys(const LayoutView& layout, int64_t b, const int3
   }
 }
 
-// visit(positions, n, next, next_n) over consecutive blocks of `keys`; `next`
-// is the block after this one (next_n = 0 at the end).
+inline int64_t num_blocks(const std::vector<int32_t>& keys) {
+  return (int64_t(keys.size()) + kKeyBlock - 1) / kKeyBlock;
+}
+
+// visit(positions, n, next, next_n) over the consecutive blocks [first, last) of `keys`
+// (clamped to its blocks); `next` is the block after this one (next_n = 0 at the end).
 template <typename Visit>
-void for_each_block(const std::vector<int32_t>& keys, Visit&& visit) {
+void for_each_block(const std::vector<int32_t>& keys, int64_t first, int64_t last,
+                    Visit&& visit) {
   const int n = static_cast<int>(keys.size());
-  for (int j = 0; j < n; j += kKeyBlock) {
+  const int64_t end = std::min(last, num_blocks(keys));
+  for (int64_t block = std::max<int64_t>(first, 0); block < end; ++block) {
+    const int j = static_cast<int>(block * kKeyBlock);
     const int next = std::min(j + kKeyBlock, n);
     visit(keys.data() + j, next - j, keys.data() + next, std::min(n - next, kKeyBlock));
   }
+}
+
+template <typename Visit>
+void for_each_block(const std::vector<int32_t>& keys, Visit&& visit) {
+  for_each_block(keys, 0, num_blocks(keys), visit);
 }
 
 // Touches the first two cache lines of a row. Done for the rows of the next

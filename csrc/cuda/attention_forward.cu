@@ -28,6 +28,7 @@
 
 #include "../common/dispatch.h"
 #include "../common/op_args.h"
+#include "../common/work_split.h"
 #include "async_copy.cuh"
 #include "attention_common.cuh"
 
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(kAttnThreads) merge_splits_kernel(AttnParams p
     const float safe = softmax_safe_max(m);
     float l = 0.f;
     for (int s = lane; s < S; s += 32) {
-      const float w = exp2_approx(stats[s * split_stride] - safe);
+      const float w = softmax_split_weight(stats[s * split_stride], safe);
       l += w * stats[s * split_stride + 1];
       stats[s * split_stride] = w;
     }
@@ -317,25 +318,12 @@ int plan_units(const AttentionArgs& a, AttnParams& p) {
 
 void plan_splits(const AttentionArgs& a, AttnParams& p, int max_splits, int resident_per_sm) {
   const AttentionShape& S = a.shape;
-  // Splits whose blocks fill whole waves of resident blocks. A call's blocks stream about as
-  // many keys each, so a last, partial wave leaves most of the GPU idle for a whole block's
-  // time (e.g. 17 splits x 64 units = 1,088 blocks for 1,056 resident on an H100: a second
-  // wave of 32). The fewest splits whose fill is within 10% of the
-  // best: more splits mean shorter streams and more partial results to merge. No split with
-  // less than ~64 keys' worth of work, at most kMaxSlots slots each.
+  // Splits whose blocks fill whole waves of resident blocks (pieces_filling_rounds), none
+  // with less than ~64 keys' worth of work, at most kMaxSlots slots each.
   const int64_t wave = int64_t(std::max(resident_per_sm, 1)) * multiprocessor_count();
   const int64_t num_fixed = a.layout.fixed_tokens.size(-1);
   const int64_t work = std::max<int64_t>(1, (num_fixed + int64_t(S.topk) * 8) / 64);
-  const int64_t units = std::max<int64_t>(p.units, 1);
-  const int64_t most = std::min<int64_t>(work, max_splits);
-  auto fill = [&](int64_t s) {  // the share of the waves' block slots used
-    const int64_t blocks = units * s;
-    return double(blocks) / double(ceil_div(blocks, wave) * wave);
-  };
-  double best = 0.0;
-  for (int64_t s = 1; s <= most; ++s) best = std::max(best, fill(s));
-  int64_t splits = 1;
-  while (splits < most && fill(splits) < 0.9 * best) ++splits;
+  int64_t splits = pieces_filling_rounds(p.units, wave, std::min<int64_t>(work, max_splits));
   // GAZE_SPLITS=n (n >= 1): n splits per unit, within what the kernels take; for measuring
   // the plan (the decode benchmark sweeps it)
   if (const int forced = forced_count("GAZE_SPLITS"); forced > 0) splits = std::min(forced, max_splits);
