@@ -193,7 +193,7 @@ def test_cpu_backward_query_chunks_match_one_thread():
             out.backward(grad)
             return [t.grad for t in leaves]
 
-    for one, many in zip(grads(1), grads(7)):  # 7 threads, 2 heads: 3 chunks of rows
+    for one, many in zip(grads(1), grads(7)):  # 7 threads, 2 heads: 7 chunks of rows
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
 
 

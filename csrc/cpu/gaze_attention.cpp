@@ -69,7 +69,7 @@ struct KeyLists {
   // visit(g0, gc, positions, n, next, next_n) for each of the blocks [first, last), with
   // the heads [g0, g0 + gc) that see it and the block after it in the same list.
   template <typename Visit>
-  void visit(int64_t first, int64_t last, Visit&& visit) const {
+  void visit_blocks(int64_t first, int64_t last, Visit&& visit) const {
     int64_t offset = 0;  // the number of the list's first block
     auto visit_list = [&](const std::vector<int32_t>& keys, int g0, int gc) {
       for_each_block(keys, first - offset, last - offset,
@@ -111,7 +111,8 @@ constexpr int64_t kMinSplitKeys = 512;
 int64_t plan_forward_splits(const AttentionArgs& a, int64_t tasks) {
   const AttentionShape& S = a.shape;
   const bool per_head = S.sel_heads == S.q_heads && S.group() > 1;
-  const int64_t region_keys = a.layout.region_tokens.size(-1) / std::max<int64_t>(1, a.layout.num_regions);
+  const int64_t region_keys =  // per region, on average
+      a.layout.region_tokens.size(-1) / std::max<int64_t>(1, a.layout.num_regions);
   const int64_t keys = a.layout.fixed_tokens.size(-1) +
                        int64_t(S.topk) * (per_head ? S.group() : 1) * region_keys;
   return pieces_filling_rounds(tasks, at::get_num_threads(), keys / kMinSplitKeys);
@@ -186,7 +187,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
       };
       lists.collect(a, layout, b, hk, i, limit);
       const int64_t blocks = lists.blocks();
-      lists.visit(blocks * split / splits, blocks * (split + 1) / splits, attend);
+      lists.visit_blocks(blocks * split / splits, blocks * (split + 1) / splits, attend);
 
       if (splits > 1) {
         acc* state = state_data + item * state_size;
@@ -332,7 +333,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
         };
         lists.collect(a, layout, b, hk, i, limit);
-        lists.visit(0, lists.blocks(), attend);
+        lists.visit_blocks(0, lists.blocks(), attend);
 
         for (int32_t g = 0; g < G; ++g) {
           const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
