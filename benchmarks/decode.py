@@ -356,29 +356,37 @@ def run_shape(shape: DecodeShape, device: str, with_flex: bool = True) -> Dict[s
                 env=environment(device))
 
 
-def other_dtype_row(shape: DecodeShape, device: str, dtype_name: str, q, layout, K: int,
-                    step_elements: float) -> Dict[str, object]:
-    """The shared-selection step against the dense peers in another element type, on fresh
-    cache copies of that type (as many as its smaller steps need); step_elements: the
-    elements the shared step moves."""
-    B, Hkv, G, D = shape.batch, shape.kv_heads, shape.q_heads // shape.kv_heads, shape.head_dim
-    dtype = getattr(torch, dtype_name)
-    q = q.to(dtype)
-    count = copies_needed(step_elements * q.element_size(), device)
-    copies = [cache_copy(q, layout, K, (B, Hkv, shape.keys, D), dtype,
-                         device) for _ in range(count)]
+def dense_and_shared_step(q, copies: List[CacheCopy], layout, K: int) -> Dict[str, Callable]:
+    """The dense peers and the shared-selection step (region_topk + gaze_attention), each
+    rotating over `copies`, for q [B, Hq, 1, D]."""
+    B, Hq, _, D = q.shape
+    Hkv = copies[0].k.shape[1]
 
     def gaze_step(c):
         sel, _ = ops.region_topk(q, c.desc, layout.region_ptr, K, True)
         return ops.gaze_attention(q, c.k, c.v, layout.region_ptr, layout.region_tokens,
                                   layout.fixed_tokens, sel)
 
-    times = time_variants({
+    return {
         "sdpa_gqa": rotating(copies, lambda c: F.scaled_dot_product_attention(
             q, c.k, c.v, enable_gqa=True)),
         "sdpa_grouped_rows": rotating(copies, lambda c: F.scaled_dot_product_attention(
-            q.view(B, Hkv, G, D), c.k, c.v)),
-        "gaze_shared": rotating(copies, gaze_step)}, device)
+            q.view(B, Hkv, Hq // Hkv, D), c.k, c.v)),
+        "gaze_shared": rotating(copies, gaze_step)}
+
+
+def other_dtype_row(shape: DecodeShape, device: str, dtype_name: str, q, layout, K: int,
+                    step_elements: float) -> Dict[str, object]:
+    """The shared-selection step against the dense peers in another element type, on fresh
+    cache copies of that type (as many as its smaller steps need); step_elements: the
+    elements the shared step moves."""
+    B, Hkv, D = shape.batch, shape.kv_heads, shape.head_dim
+    dtype = getattr(torch, dtype_name)
+    q = q.to(dtype)
+    count = copies_needed(step_elements * q.element_size(), device)
+    copies = [cache_copy(q, layout, K, (B, Hkv, shape.keys, D), dtype,
+                         device) for _ in range(count)]
+    times = time_variants(dense_and_shared_step(q, copies, layout, K), device)
     dense = min(times["sdpa_gqa"], times["sdpa_grouped_rows"])
     return dict(dtype=dtype_name, dense_ms=dense * 1e3, gaze_shared_ms=times["gaze_shared"] * 1e3,
                 speedup=dense / times["gaze_shared"], copies=count)
@@ -401,19 +409,10 @@ def one_kv_head_row(shape: DecodeShape, device: str, layout, K: int) -> Dict[str
         return ops.gaze_attention(q, c.k, c.v, layout.region_ptr, layout.region_tokens,
                                   layout.fixed_tokens, c.idx["shared"])
 
-    def gaze_step(c):
-        sel, _ = ops.region_topk(q, c.desc, layout.region_ptr, K, True)
-        return ops.gaze_attention(q, c.k, c.v, layout.region_ptr, layout.region_tokens,
-                                  layout.fixed_tokens, sel)
-
-    times = time_variants({
-        "sdpa_gqa": rotating(copies, lambda c: F.scaled_dot_product_attention(
-            q, c.k, c.v, enable_gqa=True)),
-        "sdpa_grouped_rows": rotating(copies, lambda c: F.scaled_dot_product_attention(
-            q.view(1, 1, G, D), c.k, c.v)),
-        "gaze_shared": rotating(copies, gaze_step),
-        "attention_shared": rotating(copies, attention),
-        "attention_shared_one_thread": with_threads(1, rotating(copies, attention))}, device)
+    variants = dense_and_shared_step(q, copies, layout, K)
+    variants["attention_shared"] = rotating(copies, attention)
+    variants["attention_shared_one_thread"] = with_threads(1, rotating(copies, attention))
+    times = time_variants(variants, device)
     dense = min(times["sdpa_gqa"], times["sdpa_grouped_rows"])
     return dict(q_heads=G, threads=torch.get_num_threads(), copies=len(copies),
                 dense_ms=dense * 1e3, gaze_shared_ms=times["gaze_shared"] * 1e3,
