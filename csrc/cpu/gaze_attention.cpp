@@ -140,6 +140,17 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   at::Tensor states;
   if (splits > 1) states = at::empty({tasks, splits, state_size}, lse.options());
   acc* state_data = splits > 1 ? states.data_ptr<acc>() : nullptr;
+  struct Task {
+    int64_t b;
+    int32_t hk, i;  // KV head, query row
+  };
+  auto task_of = [&](int64_t task) {
+    return Task{task / (int64_t(S.kv_heads) * Lq), static_cast<int32_t>((task / Lq) % S.kv_heads),
+                static_cast<int32_t>(task % Lq)};
+  };
+  auto out_row = [&](const Task& t, int32_t g) {  // row of out [B, Hq, Lq] for head g of the group
+    return (t.b * S.q_heads + t.hk * G + g) * int64_t(Lq) + t.i;
+  };
 
   at::parallel_for(0, tasks * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> queries(G * D), accum(G * D), scores(G * kKeyBlock);
@@ -147,10 +158,10 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
     RowGather<scalar_t> rows;
     KeyLists lists;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t task = item / splits, split = item % splits;
-      const int64_t b = task / (int64_t(S.kv_heads) * Lq);
-      const int32_t hk = static_cast<int32_t>((task / Lq) % S.kv_heads);
-      const int32_t i = static_cast<int32_t>(task % Lq);
+      const int64_t split = item % splits;
+      const Task t = task_of(item / splits);
+      const int64_t b = t.b;
+      const int32_t hk = t.hk, i = t.i;
       const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
       for (int32_t g = 0; g < G; ++g) {
         acc* dst = queries.data() + g * D;
@@ -197,7 +208,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
         continue;
       }
       for (int32_t g = 0; g < G; ++g) {
-        const int64_t row = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
+        const int64_t row = out_row(t, g);
         store_row(accum.data() + g * D, D, softmax_normalizer(row_sum[g]), out_data + row * D);
         lse_data[row] = softmax_lse(row_max[g], row_sum[g]);
       }
@@ -225,10 +236,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
         const acc* split_acc = first + s * state_size + g * D;
         for (int32_t d = 0; d < D; ++d) merged[d] += w * split_acc[d];
       }
-      const int64_t b = task / (int64_t(S.kv_heads) * Lq);
-      const int32_t hk = static_cast<int32_t>((task / Lq) % S.kv_heads);
-      const int32_t i = static_cast<int32_t>(task % Lq);
-      const int64_t row = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
+      const int64_t row = out_row(task_of(task), g);
       store_row(merged.data(), D, softmax_normalizer(sum), out_data + row * D);
       lse_data[row] = softmax_lse(max, sum);
     }
