@@ -1,6 +1,7 @@
 """Shared test helpers: devices, random layouts and the error rules against the reference."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import pytest
@@ -10,6 +11,17 @@ import gaze_ext
 from gaze_ext.layout import GazeLayout, stack_layouts
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's CPU thread count set to n inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cuda_ready() -> bool:

@@ -1,5 +1,3 @@
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,19 +5,9 @@ import torch.nn.functional as F
 import gaze_ext
 from gaze_ext import build_layout, ops, reference
 from gaze_ext.layout import GazeLayout
-from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
-                     q_positions, qkv_shapes, random_batch_layout, random_selection,
-                     random_tensor)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from helpers import (DEVICES, DTYPES, atol_for, cpu_threads, error_bound_check, generator,
+                     high_precision, q_positions, qkv_shapes, random_batch_layout,
+                     random_selection, random_tensor)
 
 
 def layout_args(layout: GazeLayout, device):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from gaze_ext import ops, reference
-from helpers import (DEVICES, DTYPES, generator, q_positions, random_batch_layout,
-                     random_tensor)
+from helpers import (DEVICES, DTYPES, cpu_threads, generator, q_positions,
+                     random_batch_layout, random_tensor)
 
 
 def small_integers(gen, shape, dtype, device, strided=False):
@@ -64,6 +64,27 @@ def test_causal_selection(device, share_kv, Lq):
         # every selected region ends at or before its query
         pos = layout.region_pos.long().gather(1, idx.clamp(min=0).flatten(1)).view(idx.shape)
         assert ((idx < 0) | (pos <= q_pos[:, None, :, None])).all()
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_cpu_row_pieces_match_reference(share_kv, threads):
+    """The CPU op scores a (batch, KV head)'s rows (all G heads at each position) together and
+    cuts them into pieces for idle threads: one or two KV heads on 1-5 threads, with runs of
+    rows shorter and longer than a chunk of 16, and rows of a piece at different causal limits."""
+    gen = generator(21 + threads)
+    N, D = 90, 16
+    layout = random_batch_layout(gen, 1, N, max_regions=20, max_region_size=6)
+    R = layout.num_regions
+    for Hkv, G, Lq in ((1, 4, 1), (1, 3, 2), (2, 1, 5), (1, 4, 5), (2, 3, 13), (1, 2, 37)):
+        q = small_integers(gen, (1, Hkv * G, Lq, D), torch.float32, "cpu", strided=Lq == 5)
+        desc = small_integers(gen, (1, Hkv, R, D), torch.float32, "cpu")
+        q_pos = q_positions(gen, 1, Lq, N)
+        for k, pos in ((3, None), (R + 2, None), (4, q_pos)):
+            with cpu_threads(threads):
+                (idx, score), (want_idx, want_score) = run_both(q, desc, layout, k, share_kv, pos)
+            assert torch.equal(idx, want_idx), (Hkv, G, Lq, k)
+            torch.testing.assert_close(score, want_score, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -67,7 +67,10 @@ struct LayoutView {
   }
   // Region r may be chosen by a query at causal limit `limit`.
   GAZE_HD bool selectable(int64_t b, int32_t r, int32_t limit) const {
-    if (!nonempty(b, r)) return false;
+    return nonempty(b, r) && position_allows(b, r, limit);
+  }
+  // The causal half of `selectable`: region r is not after the limit.
+  GAZE_HD bool position_allows(int64_t b, int32_t r, int32_t limit) const {
     return region_pos == nullptr || limit == kNoCausalLimit ||
            region_pos[b * pos_batch_stride + r] <= limit;
   }
