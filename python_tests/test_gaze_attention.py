@@ -121,6 +121,32 @@ def test_query_seeing_no_key(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_backward_gives_rows_with_lse_minus_inf_no_gradient(device):
+    """The backward op takes lse as given: a row whose lse is -inf counts as one that saw no
+    key (probabilities 0, not 2^(s + inf)), even when the row has keys, as when lse comes
+    from elsewhere than this forward."""
+    gen = generator(31)
+    B, Hq, Hkv, Lq, N, D = 1, 4, 2, 3, 40, 16
+    layout = random_batch_layout(gen, B, N, max_regions=6, max_region_size=5)
+    idx = random_selection(gen, (B, Hkv, Lq, 2), layout.num_regions).to(device)
+    q, k, v, grad = (torch.randn(B, H, L, D, generator=gen).to(device)
+                     for H, L in ((Hq, Lq), (Hkv, N), (Hkv, N), (Hq, Lq)))
+    args = layout_args(layout, device)
+    out, lse = ops.gaze_attention(q, k, v, *args, idx)
+    dead = lse.clone()
+    dead[0, 1, 2] = float("-inf")  # head 1, row 2: it has keys
+    quiet = grad.clone()
+    quiet[0, 1, 2] = 0
+    dq, dk, dv = torch.ops.gaze.gaze_attention_backward(grad, None, q, k, v, out, dead, *args,
+                                                        idx, None, D ** -0.5)
+    want = torch.ops.gaze.gaze_attention_backward(quiet, None, q, k, v, out, lse, *args, idx,
+                                                  None, D ** -0.5)
+    assert (dq[0, 1, 2] == 0).all()
+    for got, expected in zip((dq, dk, dv), want):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_selection_rules_repeats_and_padding(device):
     """-1 skipped; a region equal to the last one taken counts once, even across -1;
     a region listed again later counts again (as the contract says)."""

@@ -27,6 +27,24 @@ def test_pool_matches_reference(device, dtype, seed):
     torch.testing.assert_close(desc.cpu().float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_pool_rounds_16_bit_means_to_nearest_even(dtype):
+    """Keys in [1, 2] sum exactly in float32 over a few tokens, so the CPU kernel's means must
+    equal the reference's bit for bit: float32 sum times 1 / n, then one rounding to nearest
+    even (as `.to` does); a kernel that truncates fails. D = 16 and 40 take the vector stores,
+    D = 19 a scalar tail too. (CPU only: the CUDA build's fast-math 1 / n may differ by an ulp.)"""
+    device = "cpu"
+    gen = generator(77)
+    for D in (16, 19, 40):
+        layout = random_batch_layout(gen, 2, 50, max_regions=12, max_region_size=9)
+        keys = (1 + torch.rand(2, 3, 50, D, generator=gen)).to(dtype)
+        desc = ops.region_pool(keys.to(device), *on(layout, device)[:2]).cpu()
+        means = reference.region_pool(keys.float(), layout.region_ptr, layout.region_tokens)
+        assert torch.equal(desc, means.to(dtype)), f"D={D}"
+        # witness: some means round up, so truncating kernels would differ
+        assert (means.to(dtype).float() > means).any()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_regions_give_zeros_and_edge_regions_are_means(device):
     layout = build_layout([(0, 1, 7, 8)], 56)  # 6x6, 6x2, 1x6, 1x2 regions
