@@ -96,7 +96,8 @@ def gaze_attention(
     Returns:
         ``out [B, Hq, Lq, D]`` (dtype of ``q``) and ``lse [B, Hq, Lq]`` float32, the natural
         log of the softmax denominator. A query that sees no key gives ``out = 0`` and
-        ``lse = -inf``. Differentiable in ``q``, ``k``, ``v`` (and through ``lse``).
+        ``lse = -inf``; one with a NaN or ``+inf`` score gives NaN ``out``, ``lse`` and
+        gradients, as SDPA does. Differentiable in ``q``, ``k``, ``v`` (and through ``lse``).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5

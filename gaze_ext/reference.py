@@ -156,10 +156,10 @@ def gaze_attention(q: Tensor, k: Tensor, v: Tensor, region_ptr: Tensor, region_t
         row_max = logits.amax(dim=-1, keepdim=True).detach()
     else:  # no keys at all: nothing to reduce
         row_max = logits.new_zeros(B, Hq, Lq, 1)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     weights = W * torch.exp(logits - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    has_keys = denom > 0
+    has_keys = denom != 0  # NaN (a NaN or +inf logit) stays NaN, as in SDPA
     denom_safe = torch.where(has_keys, denom, torch.ones_like(denom))
     out = torch.einsum("bhin,bhnd->bhid", weights / denom_safe, vx)
     lse = torch.where(has_keys, row_max + torch.log(denom_safe), float("-inf")).squeeze(-1)

@@ -461,6 +461,43 @@ def split_forward_against_cpu(sim, gen, layout, dims, K):
     return kernels, backward_args, torch.ops.gaze.gaze_attention_backward(*backward_args)
 
 
+@pytest.mark.parametrize("kernel", ["split", "split_block", "tensor_core"])
+def test_non_finite_scores_give_nan_rows_as_on_cpu(sim, monkeypatch, kernel):
+    """Rows whose scores hold a NaN (from q) or a +inf (q . k with an infinite q element) get
+    out = NaN, lse = NaN and NaN dq from each kernel family, as from the CPU op, whose
+    other rows they leave as they were."""
+    if kernel == "tensor_core":
+        gen, layout, idx, q_pos, qkv = tiled_case(0, torch.bfloat16, "cpu")
+        args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.2)
+    else:
+        gen, qkv, args = split_case(0, torch.bfloat16)
+    q, k, v = qkv
+    clean_out, _ = ops.gaze_attention(q, k, v, *args)
+    q = q.clone()
+    poisoned = [(0, 1, 0), (1, 6, q.shape[2] - 1)]
+    q[poisoned[0]][5] = float("nan")
+    q[poisoned[1]][3] = float("inf")
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+    out, lse = sim.gaze_attention(q, k, v, *args)
+    want_out, want_lse = ops.gaze_attention(q, k, v, *args)
+    for row in poisoned:
+        assert want_out[row].isnan().all() and want_lse[row].isnan(), row
+    nan_rows = want_out.isnan().all(-1)
+    assert nan_rows.sum() == len(poisoned)
+    assert torch.equal(want_out[~nan_rows], clean_out[~nan_rows])
+    tol = dict(atol=atol_for(torch.bfloat16), rtol=1e-2, equal_nan=True)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4, equal_nan=True)
+
+    grad = torch.randn(out.shape, generator=gen).bfloat16()
+    dq = sim.gaze_attention_backward(grad, None, q, k, v, out, lse, *args)[0]
+    want_dq = torch.ops.gaze.gaze_attention_backward(grad, None, q, k, v, want_out, want_lse,
+                                                     *args)[0]
+    assert dq[nan_rows].isnan().all() and want_dq[nan_rows].isnan().all()
+    torch.testing.assert_close(dq[~nan_rows].float(), want_dq[~nan_rows].float(), atol=3e-2,
+                               rtol=3e-2)
+
+
 def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
     """Few keys per unit (fixed tokens + 8 per slot < 128): one split, no merge, so the
     forward kernel writes out and lse itself, and the backward stores dq, for units of

@@ -147,6 +147,47 @@ def test_backward_gives_rows_with_lse_minus_inf_no_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_non_finite_scores_give_nan_rows(device, threads):
+    """A row with a NaN score, or a +inf one, gets out = NaN and lse = NaN, as SDPA gives, and
+    NaN gradients (lse = -inf would tell the backward the row saw no key, so that its
+    gradients came out 0): dq of the row, dk and dv of the keys it sees; a -inf score only
+    takes its key's weight to 0. One (batch, KV head, row) task, so on 2 CPU threads its keys
+    are split and the NaN states merged."""
+    N, D = 6000, 16
+    layout = build_layout([(0, 40, 12, 12)], N, region_shape=(1, 2, 3))
+    gen = generator(41)
+    idx = torch.randperm(layout.num_regions, generator=gen)[:300].int().view(1, 1, 1, 300)
+    q, k, v = (torch.randn(s, generator=gen) for s in qkv_shapes(1, 4, 1, 1, N, D))
+    fixed = int(layout.fixed_tokens[3])
+    k[0, 0, fixed, 3] = float("inf")
+    q[0, :, 0, 3] = torch.tensor([-1.0, -1.0, 1.0, -1.0])  # head 2 scores +inf, 0 and 3 -inf
+    q[0, 1, 0, 5] = float("nan")
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    with cpu_threads(threads):
+        out, lse = ops.gaze_attention(*leaves, *layout_args(layout, device), idx.to(device))
+        grad = torch.randn(out.shape, generator=gen)
+        out.backward(grad.to(device))
+    nan_rows = torch.tensor([False, True, True, False])
+    assert out[0, :, 0].isnan().all(-1).cpu().equal(nan_rows)
+    assert lse[0, :, 0].isnan().cpu().equal(nan_rows)
+    assert leaves[0].grad[0, 1:3].isnan().all()
+
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx)
+    ref_out, ref_lse = reference.gaze_attention(*ref, *args)
+    ref_out.backward(grad.double())
+    close = dict(atol=1e-5, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(out.detach().cpu().double(), ref_out.detach(), **close)
+    torch.testing.assert_close(lse.detach().cpu().double(), ref_lse.detach(), **close)
+    torch.testing.assert_close(leaves[0].grad.cpu().double(), ref[0].grad, **close)
+    # (the reference's dense products spread a NaN row to every key: 0 * NaN)
+    seen = reference.key_multiplicity(*args, N, 4)[0, 1, 0] > 0
+    for got in leaves[1:]:
+        assert got.grad[0, 0].isnan().any(-1).cpu().equal(seen)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_selection_rules_repeats_and_padding(device):
     """-1 skipped; a region equal to the last one taken counts once, even across -1;
     a region listed again later counts again (as the contract says)."""

@@ -110,16 +110,19 @@ GAZE_HD T softmax_safe_max(T running_max) {
   return running_max == -std::numeric_limits<T>::infinity() ? T(0) : running_max;
 }
 
-// Natural-log log-sum-exp from a base-2 running (max, sum); -inf for no keys.
+// Natural-log log-sum-exp from a base-2 running (max, sum); -inf for no keys. A NaN sum (a
+// NaN or +inf score) gives NaN, as in SDPA, not the -inf that would tell the backward the
+// row saw no key and hide the NaN from its gradients.
 template <typename T>
 GAZE_HD T softmax_lse(T max2, T sum) {
-  if (!(sum > T(0))) return -std::numeric_limits<T>::infinity();
+  if (sum == T(0)) return -std::numeric_limits<T>::infinity();
   return (max2 + log2_approx(sum)) * T(0.6931471805599453);
 }
 
+// 1 / sum; 0 for no keys (the output row is then 0), NaN for a NaN sum.
 template <typename T>
 GAZE_HD T softmax_normalizer(T sum) {
-  return sum > T(0) ? T(1) / sum : T(0);
+  return sum != T(0) ? T(1) / sum : T(0);
 }
 
 // Weight of one split's partial (max, sum, accumulator) when the splits of a key list are
