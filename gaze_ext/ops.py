@@ -99,8 +99,8 @@ def gaze_attention(
         ``lse = -inf``; one with a NaN or ``+inf`` score gives NaN ``out``, ``lse`` and
         gradients, as SDPA does. Differentiable in ``q``, ``k``, ``v`` (and through ``lse``).
     """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    if scale is None:  # (D = 0: every logit is 0, whatever the scale)
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     return torch.ops.gaze.gaze_attention(
         q, k, v, region_ptr, region_tokens, fixed_tokens, idx, q_pos, float(scale)
     )

@@ -146,7 +146,8 @@ def gaze_attention(q: Tensor, k: Tensor, v: Tensor, region_ptr: Tensor, region_t
     cdt = compute_dtype or _default_compute_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
+    if scale is None:
+        scale = D ** -0.5 if D > 0 else 1.0
     W = key_multiplicity(region_ptr, region_tokens, fixed_tokens, idx, N, Hq, q_pos).to(cdt)
     kx = k.to(cdt).repeat_interleave(Hq // Hkv, dim=1)
     vx = v.to(cdt).repeat_interleave(Hq // Hkv, dim=1)

@@ -6,7 +6,8 @@ import torch
 from gaze_ext import ops, reference
 from gaze_ext.layout import GazeLayout
 from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
-                     random_batch_layout, random_layout, random_selection, random_tensor)
+                     qkv_shapes, random_batch_layout, random_layout, random_selection,
+                     random_tensor)
 
 
 def mixed_layout(gen, B, N):
@@ -92,6 +93,35 @@ def test_fuzz_against_reference(device, seed):
     (same_out.float() * grad).sum().backward()
     for name, got, ref, same in zip("qkv", (q, k, v), leaves, same_leaves):
         error_bound_check(f"d{name}", got.grad.cpu(), ref.grad, same.grad, 3.0, atol_for(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B, Lq, N, D, regions", [
+    (0, 2, 30, 8, True), (2, 0, 30, 8, True), (2, 2, 0, 8, False), (2, 2, 30, 0, True),
+    (2, 2, 30, 8, False)], ids=["B=0", "Lq=0", "N=0", "D=0", "R=0"])
+def test_zero_size_operands(device, B, Lq, N, D, regions):
+    """Every op, forward and backward, with one axis empty (the default scale too, which
+    D = 0 would make 0 ** -0.5): the reference's shapes and values."""
+    gen = generator(77)
+    layout = random_batch_layout(gen, B, N, shared=True, max_regions=5 if regions else 0)
+    dev_layout = layout.to(device)
+    q, k, v = (torch.randn(s, generator=gen).to(device).requires_grad_()
+               for s in qkv_shapes(B, 4, 2, Lq, N, D))
+    desc = ops.region_pool(k, dev_layout.region_ptr, dev_layout.region_tokens)
+    idx, _ = ops.region_topk(q, desc, dev_layout.region_ptr, 2, True)
+    assert desc.shape == (B, 2, layout.num_regions, D) and idx.shape == (B, 2, Lq, 2)
+    out, lse = ops.gaze_attention(q, k, v, dev_layout.region_ptr, dev_layout.region_tokens,
+                                  dev_layout.fixed_tokens, idx)
+    (out.sum() + desc.sum() + torch.where(lse.isfinite(), lse, 0).sum()).backward()
+    leaves = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    ref_desc = reference.region_pool(leaves[1], layout.region_ptr, layout.region_tokens)
+    ref_out, ref_lse = reference.gaze_attention(*leaves, layout.region_ptr, layout.region_tokens,
+                                                layout.fixed_tokens, idx.cpu())
+    (ref_out.sum() + ref_desc.sum() + torch.where(ref_lse.isfinite(), ref_lse, 0).sum()).backward()
+    for got, want in ((out, ref_out), (lse, ref_lse), *zip((q, k, v), leaves)):
+        got, want = (got.grad, want.grad) if got.is_leaf else (got, want)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.detach().cpu(), want.detach(), atol=1e-5, rtol=1e-5)
 
 
 CORRUPTIONS = ["token_high", "token_negative", "ptr_decrease", "ptr_past", "fixed_high",
