@@ -68,8 +68,14 @@ def test_forward_backward_match_reference(device, dtype, case):
     loss(out, lse).backward()
     loss(ref_out, ref_lse).backward()
     loss(same_out, same_lse).backward()
+    # The backward recomputes the probabilities from the float32 lse the contract returns,
+    # which the same-dtype reference (autograd through its softmax) does not: an error of an
+    # ulp in that lse (2^-23 of it; lse ~ 40 at scale 1.3 in case 5) moves every probability,
+    # and so each gradient, by as much relative to its size.
+    lse_rounding = 2.0 ** -23 * ref_lse.detach()[finite].abs().max().item()
     for name, got, ref, same in zip("qkv", (q, k, v), leaves, same_leaves):
-        error_bound_check(f"d{name}", got.grad.cpu(), ref.grad, same.grad, 3.0, atol_for(dtype))
+        atol = atol_for(dtype) + lse_rounding * ref.grad.abs().max().item()
+        error_bound_check(f"d{name}", got.grad.cpu(), ref.grad, same.grad, 3.0, atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
