@@ -37,7 +37,9 @@ class GazeKVCache:
     each layer's descriptors; every decode step then writes one key/value row per sample at
     its current length and appends that position to the fixed tokens, in place, so a step
     allocates nothing here and can be captured in a CUDA graph (after :meth:`start`, which
-    sets the layout tensors the steps read).
+    sets the layout tensors the steps read). A step does not synchronize with the host: the
+    room left is counted on the host as well (by :meth:`end_step`; replays of a captured
+    step are not counted there).
 
     The fixed-token list is as wide as the prompt's fixed tokens plus the steps left, not
     as the cache: its -1 padding is not free (the CUDA split-K kernel walks padding entries
@@ -56,6 +58,7 @@ class GazeKVCache:
         self.fixed_count = torch.zeros(batch, dtype=torch.long, device=device)
         self.region_ptr = self.region_tokens = self.region_pos = None
         self.decoding = False
+        self.steps_left: Optional[int] = None  # decode steps before the longest sample is full
 
     def start(self, layout: MultimodalLayout) -> None:
         """Takes the prompt's layout; the prompt's forward pass fills the layers."""
@@ -80,11 +83,15 @@ class GazeKVCache:
         self.fixed_tokens.fill_(-1)
         kept = min(width, fixed.shape[1])  # past it, only padding
         self.fixed_tokens[:, :kept] = fixed[:, :kept]
+        self.steps_left = self.max_len - int(self.length.max())
         self.decoding = False
 
     def begin_step(self) -> None:
         """A decode step: each sample's next position becomes a fixed (text) token."""
-        if bool((self.length >= self.max_len).any()):
+        if self.steps_left is None:
+            raise RuntimeError("GazeKVCache.begin_step before start()")
+        # (counted on the host: reading self.length would stall the step on the device)
+        if self.steps_left <= 0:
             raise RuntimeError("GazeKVCache is full")
         self.fixed_tokens.scatter_(1, self.fixed_count[:, None], self.length[:, None].to(torch.int32))
         self.fixed_count += 1
@@ -92,6 +99,7 @@ class GazeKVCache:
 
     def end_step(self) -> None:
         self.length += 1
+        self.steps_left -= 1
 
 
 class GazeAttentionBlock(nn.Module):

@@ -9,7 +9,7 @@ from gaze_ext.block import GazeKVCache
 from gaze_ext.model import GazeLM
 from gaze_ext.multimodal import CONTEXT, TEXT, VISUAL, ContextTokens, build_multimodal_layout
 from gaze_ext.schedule import TopKSchedule
-from helpers import DEVICES, generator
+from helpers import DEVICES, cuda_ready, generator
 
 
 def samples(gen, visual_dim=8, device="cpu", dtype=torch.float32):
@@ -327,6 +327,8 @@ def test_cache_holds_a_prompt_of_max_len_and_then_is_full():
         cache.begin_step()
     with pytest.raises(ValueError, match="max_len"):
         GazeKVCache(1, 1, 1, 4, max_len=layout.seq_len - 1).start(layout)
+    with pytest.raises(RuntimeError, match="before start"):
+        GazeKVCache(1, 1, 1, 4, max_len=layout.seq_len).begin_step()
 
 
 def test_cache_start_compacts_fixed_tokens_with_padding_inside():
@@ -372,3 +374,56 @@ def test_schedule_values_inside_the_decay_and_without_one():
         TopKSchedule(target=2, num_regions=16, dense_steps=-1)
     with pytest.raises(ValueError):
         TopKSchedule(target=2, num_regions=16, decay_steps=-1)
+
+
+@pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and the CUDA kernels")
+def test_decode_step_never_synchronizes_and_replays_in_a_cuda_graph():
+    """A GazeLM decode step (the cache's begin_step, every layer's projections, region_topk
+    and gaze_attention, end_step) makes no host synchronization, so eager decoding keeps
+    the GPU fed, and the whole step captured once in a CUDA graph and replayed advances
+    the cache as eager steps do: the same logits step after step."""
+    gen = generator(5)
+    model = tiny_model(device="cuda")
+    x, layout = model.embed_batch(samples(gen, device="cuda"))
+    B, steps = x.shape[0], 4
+    tokens = torch.randint(0, 16, (steps, B), generator=gen).cuda()
+
+    def prefilled():
+        cache = model.new_cache(B, layout.seq_len + steps, x.device)
+        cache.start(layout)
+        model(x, layout, 1, cache)
+        return cache
+
+    def decode(cache, token):
+        cache.begin_step()
+        logits = model(model.embed(token)[:, None], None, 1, cache)
+        cache.end_step()
+        return logits
+
+    with torch.no_grad():
+        eager = prefilled()
+        want = [decode(eager, token) for token in tokens]
+        side = torch.cuda.Stream()  # warm-up on a side stream, before the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode(prefilled(), tokens[0])
+        torch.cuda.current_stream().wait_stream(side)
+
+        cache = prefilled()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            first = decode(cache, tokens[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(first, want[0])
+
+        token = tokens[1].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = decode(cache, token)
+        for step in range(1, steps):
+            token.copy_(tokens[step])
+            graph.replay()
+            torch.testing.assert_close(logits, want[step], atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.length, eager.length)
