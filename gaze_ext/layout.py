@@ -19,6 +19,7 @@ empty regions and ``-1`` fixed tokens.
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,6 +29,7 @@ __all__ = ["Visual", "GazeLayout", "build_layout", "stack_layouts", "build_batch
            "validate_layout"]
 
 RegionShape = Tuple[int, int, int]
+_INT32_MAX = 2**31 - 1  # positions are int32
 DEFAULT_REGION_SHAPE: RegionShape = (1, 6, 6)
 
 
@@ -83,8 +85,18 @@ class GazeLayout(NamedTuple):
                           self.num_keys)
 
 
+def _as_int(x, error: str) -> int:
+    """x as an int (Python, NumPy or 0-dim tensor integers); ValueError(error) otherwise."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise ValueError(error) from None
+
+
 def _as_visual(v) -> Visual:
     v = Visual(*v)
+    error = f"visual {tuple(v)}: offset, t, h, w and frame_stride must be ints"
+    v = Visual(*(None if x is None else _as_int(x, error) for x in v))
     if min(v.t, v.h, v.w) < 1 or v.offset < 0:
         raise ValueError(f"visual {tuple(v)}: offset must be >= 0 and t, h, w >= 1")
     if v.stride < v.h * v.w:
@@ -114,12 +126,18 @@ def build_layout(visuals: Sequence, seq_len: int,
             inside the sequence.
         seq_len: number of tokens (the key axis ``N``).
         region_shape: ``(r_t, r_h, r_w)`` tokens per region.
-        fixed_tokens: always-visible positions; default: every position in no visual
-            (text and context tokens).
+        fixed_tokens: always-visible positions in ``[0, seq_len)`` and in no visual (``-1``
+            padding allowed); default: every position in no visual (text and context tokens).
     """
+    error = f"seq_len must be an int in [0, 2^31), got {seq_len!r}"
+    seq_len = _as_int(seq_len, error)
+    if not 0 <= seq_len <= _INT32_MAX:
+        raise ValueError(error)
+    error = f"region_shape {tuple(region_shape)} must be 3 positive ints (r_t, r_h, r_w)"
+    region_shape = tuple(_as_int(x, error) for x in region_shape)
+    if len(region_shape) != 3 or min(region_shape) < 1:
+        raise ValueError(error)
     rt, rh, rw = region_shape
-    if min(rt, rh, rw) < 1:
-        raise ValueError(f"region_shape {region_shape} must be positive")
     visuals = [_as_visual(v) for v in visuals]
     in_visual = torch.zeros(seq_len, dtype=torch.bool)
     for v in visuals:
@@ -141,7 +159,15 @@ def build_layout(visuals: Sequence, seq_len: int,
     if fixed_tokens is None:
         fixed = torch.nonzero(~in_visual).flatten()
     else:
-        fixed = torch.as_tensor(fixed_tokens, dtype=torch.int64).flatten()
+        fixed = torch.as_tensor(fixed_tokens).flatten()
+        if fixed.is_floating_point() or fixed.dtype == torch.bool:
+            raise ValueError(f"fixed_tokens must be integer positions, got {fixed.dtype}")
+        fixed = fixed.cpu().long()
+        if ((fixed < -1) | (fixed >= seq_len)).any():
+            raise ValueError(f"fixed_tokens holds positions outside [-1, {seq_len})")
+        in_region = in_visual[fixed.clamp(min=0)] & (fixed >= 0)
+        if in_region.any():  # the ops require a position to be fixed or in a region, not both
+            raise ValueError(f"fixed_tokens {fixed[in_region][:8].tolist()} lie in a visual")
     layout = GazeLayout(region_ptr.int(), region_tokens.int(), region_pos.int(), fixed.int(),
                         seq_len)
     return layout.to(device) if device is not None else layout

@@ -54,6 +54,29 @@ def test_builder_rejects_bad_visuals(visuals, seq_len, match):
         build_layout(visuals, seq_len)
 
 
+@pytest.mark.parametrize("args, match", [
+    (dict(seq_len=-1), "seq_len must be an int"),
+    (dict(seq_len=2**31), "seq_len must be an int"),  # (before allocating 2^31 positions)
+    (dict(seq_len=40.0), "seq_len must be an int"),
+    (dict(region_shape=(2, 3)), "3 positive ints"),
+    (dict(region_shape=(1, 2.5, 3)), "3 positive ints"),
+    (dict(region_shape=(1, 0, 3)), "3 positive ints"),
+    (dict(visuals=[(0.5, 1, 6, 6)]), "must be ints"),
+    (dict(fixed_tokens=[38, 40]), r"outside \[-1, 40\)"),
+    (dict(fixed_tokens=[-2]), r"outside \[-1, 40\)"),
+    (dict(fixed_tokens=[38, 3, 35]), r"fixed_tokens \[3, 35\] lie in a visual"),
+    (dict(fixed_tokens=[36.0]), "integer positions"),
+])
+def test_builder_rejects_bad_arguments(args, match):
+    """Named errors before anything is allocated or handed to the ops; fixed tokens inside
+    a visual would break the ops' rule that a position is fixed or in a region, not both."""
+    kwargs = {"visuals": [(0, 1, 6, 6)], "seq_len": 40, **args}
+    with pytest.raises(ValueError, match=match):
+        build_layout(**kwargs)
+    assert build_layout([(0, 1, 6, 6)], 40, fixed_tokens=[39, -1, 36]).fixed_tokens.tolist() == [
+        39, -1, 36]
+
+
 def test_ragged_batch_is_padded():
     batch = build_batch_layout([([(0, 1, 6, 6)], 40), ([(2, 1, 12, 6), (80, 1, 6, 6)], 120)])
     assert batch.batched and batch.num_keys == 120
