@@ -206,6 +206,19 @@ def mixed_layouts_case(device: str):
     return gen, layout, idx, q_pos, qkv
 
 
+# One axis empty at a time: (B, Lq, N, D, with regions), for test_fuzz and gaze_sim.
+ZERO_SIZE_CASES = [(0, 2, 30, 8, True), (2, 0, 30, 8, True), (2, 2, 0, 8, False),
+                   (2, 2, 30, 0, True), (2, 2, 30, 8, False)]
+ZERO_SIZE_IDS = ["B=0", "Lq=0", "N=0", "D=0", "R=0"]
+
+
+def zero_size_case(B: int, Lq: int, N: int, D: int, regions: bool):
+    """A ZERO_SIZE_CASES row: (shared layout, [q, k, v] on the CPU), Hq = 4, Hkv = 2."""
+    gen = generator(77)
+    layout = random_batch_layout(gen, B, N, shared=True, max_regions=5 if regions else 0)
+    return layout, [torch.randn(s, generator=gen) for s in qkv_shapes(B, 4, 2, Lq, N, D)]
+
+
 SPLIT_CASES = [
     # B, Hq, Hkv, Lq, N, D, selection heads, causal, k, strided
     (2, 8, 2, 1, 300, 128, "kv", False, 8, False),     # decode, G = 4

@@ -14,10 +14,11 @@ import cuda_sim
 import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
-from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, atol_for, error_bound_check,
-                     generator, high_precision, mixed_layouts_case, q_positions, qkv_shapes,
-                     random_batch_layout, random_selection, random_tensor, split_case,
-                     tiled_case, topk_many_regions)
+from helpers import (DTYPES, SPLIT_CASES, TILED_CASES, ZERO_SIZE_CASES, ZERO_SIZE_IDS,
+                     atol_for, error_bound_check, generator, high_precision,
+                     mixed_layouts_case, q_positions, qkv_shapes, random_batch_layout,
+                     random_selection, random_tensor, split_case, tiled_case,
+                     topk_many_regions, zero_size_case)
 
 pytestmark = pytest.mark.skipif(not cuda_sim.available(), reason="needs the CUDA headers")
 
@@ -459,6 +460,31 @@ def split_forward_against_cpu(sim, gen, layout, dims, K):
     grad = torch.randn(out.shape, generator=gen)
     backward_args = (grad, None, q, k, v, out, lse, *args)
     return kernels, backward_args, torch.ops.gaze.gaze_attention_backward(*backward_args)
+
+
+@pytest.mark.parametrize("B, Lq, N, D, regions", ZERO_SIZE_CASES, ids=ZERO_SIZE_IDS)
+@pytest.mark.parametrize("kernel", ["split", "tensor_core"])
+def test_zero_size_operands_match_cpu(sim, monkeypatch, kernel, B, Lq, N, D, regions):
+    """The CUDA host code with one axis empty: no launch of an empty grid (gaze_sim reports
+    one as a bad configuration), the CPU ops' shapes and values."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
+    layout, qkv = zero_size_case(B, Lq, N, D, regions)
+    ptr, tokens = layout.region_ptr, layout.region_tokens
+    desc = sim.region_pool(qkv[1], ptr, tokens)
+    grad_desc = torch.ones_like(desc)
+    idx, score = sim.region_topk(qkv[0], desc, ptr, 2, True, None, None)
+    args = (ptr, tokens, layout.fixed_tokens, idx, None, 1.0)
+    out, lse = sim.gaze_attention(*qkv, *args)
+    got = [desc, sim.region_pool_backward(grad_desc, ptr, tokens, N), idx, score, out, lse,
+           *sim.gaze_attention_backward(torch.ones_like(out), None, *qkv, out, lse, *args)]
+    want_out, want_lse = ops.gaze_attention(*qkv, *args)
+    want = [torch.ops.gaze.region_pool(qkv[1], ptr, tokens),
+            torch.ops.gaze.region_pool_backward(grad_desc, ptr, tokens, N),
+            *ops.region_topk(qkv[0], desc, ptr, 2, True), want_out, want_lse,
+            *torch.ops.gaze.gaze_attention_backward(torch.ones_like(out), None, *qkv, want_out,
+                                                    want_lse, *args)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["split", "split_block", "tensor_core"])

@@ -5,9 +5,9 @@ import torch
 
 from gaze_ext import ops, reference
 from gaze_ext.layout import GazeLayout
-from helpers import (DEVICES, DTYPES, atol_for, error_bound_check, generator, high_precision,
-                     qkv_shapes, random_batch_layout, random_layout, random_selection,
-                     random_tensor)
+from helpers import (DEVICES, DTYPES, ZERO_SIZE_CASES, ZERO_SIZE_IDS, atol_for,
+                     error_bound_check, generator, high_precision, random_batch_layout,
+                     random_layout, random_selection, random_tensor, zero_size_case)
 
 
 def mixed_layout(gen, B, N):
@@ -96,17 +96,13 @@ def test_fuzz_against_reference(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B, Lq, N, D, regions", [
-    (0, 2, 30, 8, True), (2, 0, 30, 8, True), (2, 2, 0, 8, False), (2, 2, 30, 0, True),
-    (2, 2, 30, 8, False)], ids=["B=0", "Lq=0", "N=0", "D=0", "R=0"])
+@pytest.mark.parametrize("B, Lq, N, D, regions", ZERO_SIZE_CASES, ids=ZERO_SIZE_IDS)
 def test_zero_size_operands(device, B, Lq, N, D, regions):
     """Every op, forward and backward, with one axis empty (the default scale too, which
     D = 0 would make 0 ** -0.5): the reference's shapes and values."""
-    gen = generator(77)
-    layout = random_batch_layout(gen, B, N, shared=True, max_regions=5 if regions else 0)
+    layout, qkv = zero_size_case(B, Lq, N, D, regions)
     dev_layout = layout.to(device)
-    q, k, v = (torch.randn(s, generator=gen).to(device).requires_grad_()
-               for s in qkv_shapes(B, 4, 2, Lq, N, D))
+    q, k, v = (t.to(device).requires_grad_() for t in qkv)
     desc = ops.region_pool(k, dev_layout.region_ptr, dev_layout.region_tokens)
     idx, _ = ops.region_topk(q, desc, dev_layout.region_ptr, 2, True)
     assert desc.shape == (B, 2, layout.num_regions, D) and idx.shape == (B, 2, Lq, 2)
