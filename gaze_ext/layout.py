@@ -165,7 +165,8 @@ def build_layout(visuals: Sequence, seq_len: int,
         fixed = fixed.cpu().long()
         if ((fixed < -1) | (fixed >= seq_len)).any():
             raise ValueError(f"fixed_tokens holds positions outside [-1, {seq_len})")
-        in_region = in_visual[fixed.clamp(min=0)] & (fixed >= 0)
+        in_region = torch.zeros_like(fixed, dtype=torch.bool)
+        in_region[fixed >= 0] = in_visual[fixed[fixed >= 0]]
         if in_region.any():  # the ops require a position to be fixed or in a region, not both
             raise ValueError(f"fixed_tokens {fixed[in_region][:8].tolist()} lie in a visual")
     layout = GazeLayout(region_ptr.int(), region_tokens.int(), region_pos.int(), fixed.int(),

@@ -75,6 +75,7 @@ def test_builder_rejects_bad_arguments(args, match):
         build_layout(**kwargs)
     assert build_layout([(0, 1, 6, 6)], 40, fixed_tokens=[39, -1, 36]).fixed_tokens.tolist() == [
         39, -1, 36]
+    assert build_layout([], 0, fixed_tokens=[-1]).fixed_tokens.tolist() == [-1]  # padding only
 
 
 def test_ragged_batch_is_padded():
