@@ -163,15 +163,24 @@ def build_layout(visuals: Sequence, seq_len: int,
         if fixed.is_floating_point() or fixed.dtype == torch.bool:
             raise ValueError(f"fixed_tokens must be integer positions, got {fixed.dtype}")
         fixed = fixed.cpu().long()
-        if ((fixed < -1) | (fixed >= seq_len)).any():
-            raise ValueError(f"fixed_tokens holds positions outside [-1, {seq_len})")
-        in_region = torch.zeros_like(fixed, dtype=torch.bool)
-        in_region[fixed >= 0] = in_visual[fixed[fixed >= 0]]
-        if in_region.any():  # the ops require a position to be fixed or in a region, not both
-            raise ValueError(f"fixed_tokens {fixed[in_region][:8].tolist()} lie in a visual")
+        _check_fixed_tokens(fixed, in_visual)
     layout = GazeLayout(region_ptr.int(), region_tokens.int(), region_pos.int(), fixed.int(),
                         seq_len)
     return layout.to(device) if device is not None else layout
+
+
+def _check_fixed_tokens(fixed: Tensor, in_region: Tensor, where: str = "") -> None:
+    """fixed [F] long positions, -1 padding; in_region [N] bool: the positions in a region.
+    ValueError unless every entry is in [-1, N) and no position is both fixed and in a
+    region (the ops require one or the other)."""
+    N = in_region.numel()
+    if ((fixed < -1) | (fixed >= N)).any():
+        raise ValueError(f"fixed_tokens holds positions outside [-1, {N}){where}")
+    listed = fixed[fixed >= 0]
+    shared = listed[in_region[listed]]
+    if shared.numel():
+        raise ValueError(f"positions {sorted(set(shared.tolist()))[:8]} are both in a region "
+                         f"and fixed{where}")
 
 
 def stack_layouts(layouts: Sequence[GazeLayout]) -> GazeLayout:
@@ -243,14 +252,11 @@ def validate_layout(layout: GazeLayout, num_keys: Optional[int] = None) -> None:
         used = tokens[: int(ptr[-1])]
         if ((used < 0) | (used >= N)).any():
             raise ValueError(f"region_tokens holds positions outside [0, {N}){where}")
-        if ((fixed < -1) | (fixed >= N)).any():
-            raise ValueError(f"fixed_tokens holds positions outside [-1, {N}){where}")
         for r in range(R):
             members = used[int(ptr[r]): int(ptr[r + 1])]
             if members.numel() and int(members.max()) != int(pos[r]):
                 raise ValueError(f"region_pos[{r}] = {int(pos[r])} but the region's largest "
                                  f"position is {int(members.max())}{where}")
-        shared = set(used.tolist()) & set(fixed[fixed >= 0].tolist())
-        if shared:
-            raise ValueError(f"positions {sorted(shared)[:8]} are both in a region and fixed"
-                             f"{where}")
+        in_region = torch.zeros(N, dtype=torch.bool)
+        in_region[used] = True
+        _check_fixed_tokens(fixed, in_region, where)

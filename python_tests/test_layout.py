@@ -64,7 +64,7 @@ def test_builder_rejects_bad_visuals(visuals, seq_len, match):
     (dict(visuals=[(0.5, 1, 6, 6)]), "must be ints"),
     (dict(fixed_tokens=[38, 40]), r"outside \[-1, 40\)"),
     (dict(fixed_tokens=[-2]), r"outside \[-1, 40\)"),
-    (dict(fixed_tokens=[38, 3, 35]), r"fixed_tokens \[3, 35\] lie in a visual"),
+    (dict(fixed_tokens=[38, 3, 35]), r"positions \[3, 35\] are both in a region and fixed"),
     (dict(fixed_tokens=[36.0]), "integer positions"),
 ])
 def test_builder_rejects_bad_arguments(args, match):
@@ -73,6 +73,9 @@ def test_builder_rejects_bad_arguments(args, match):
     kwargs = {"visuals": [(0, 1, 6, 6)], "seq_len": 40, **args}
     with pytest.raises(ValueError, match=match):
         build_layout(**kwargs)
+
+
+def test_builder_takes_fixed_tokens_with_padding():
     assert build_layout([(0, 1, 6, 6)], 40, fixed_tokens=[39, -1, 36]).fixed_tokens.tolist() == [
         39, -1, 36]
     assert build_layout([], 0, fixed_tokens=[-1]).fixed_tokens.tolist() == [-1]  # padding only
