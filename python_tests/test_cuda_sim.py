@@ -487,11 +487,19 @@ def test_zero_size_operands_match_cpu(sim, monkeypatch, kernel, B, Lq, N, D, reg
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("source", ["q", "k"])
 @pytest.mark.parametrize("kernel", ["split", "split_block", "tensor_core"])
-def test_non_finite_scores_give_nan_rows_as_on_cpu(sim, monkeypatch, kernel):
-    """Rows whose scores hold a NaN (from q) or a +inf (q . k with an infinite q element) get
-    out = NaN, lse = NaN and NaN dq from each kernel family, as from the CPU op, whose
-    other rows they leave as they were."""
+def test_non_finite_scores_give_nan_rows_as_on_cpu(sim, monkeypatch, kernel, source):
+    """Rows whose scores hold a NaN or a +inf get out = NaN, lse = NaN, NaN dq, and NaN
+    dk/dv on the keys they see, from each kernel family as from the CPU op, whose other rows
+    and keys they leave as they were. source "q": a NaN and an inf element in two query rows;
+    "k": a NaN in one region key's K row, seen by some rows of a tile and not by others.
+
+    The tensor-core kernels multiply whole tiles, so a NaN operand row reaches every product
+    of its tile (0 * NaN), as in dense attention: with a NaN q row, dk is NaN on more keys
+    than on the CPU; with a NaN k row, dq on more rows. Where the CPU's gradient is NaN the
+    kernel's is too, and the rest match. The softmax's own factor dS = P (dP - delta) must
+    not spread a NaN row's delta to keys the row does not see."""
     if kernel == "tensor_core":
         gen, layout, idx, q_pos, qkv = tiled_case(0, torch.bfloat16, "cpu")
         args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.2)
@@ -499,29 +507,44 @@ def test_non_finite_scores_give_nan_rows_as_on_cpu(sim, monkeypatch, kernel):
         gen, qkv, args = split_case(0, torch.bfloat16)
     q, k, v = qkv
     clean_out, _ = ops.gaze_attention(q, k, v, *args)
-    q = q.clone()
-    poisoned = [(0, 1, 0), (1, 6, q.shape[2] - 1)]
-    q[poisoned[0]][5] = float("nan")
-    q[poisoned[1]][3] = float("inf")
+    if source == "q":
+        q = q.clone()
+        q[0, 1, 0, 5] = float("nan")
+        q[1, 6, q.shape[2] - 1, 3] = float("inf")
+    else:
+        region_ptr, region_tokens, idx = args[0], args[1], args[3]
+        region = int(idx[0, 0, 0, 0])
+        k = k.clone()
+        k[0, 0, int(region_tokens[0, region_ptr[0, region]]), 2] = float("nan")
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
     out, lse = sim.gaze_attention(q, k, v, *args)
     want_out, want_lse = ops.gaze_attention(q, k, v, *args)
-    for row in poisoned:
-        assert want_out[row].isnan().all() and want_lse[row].isnan(), row
     nan_rows = want_out.isnan().all(-1)
-    assert nan_rows.sum() == len(poisoned)
+    assert torch.equal(want_lse.isnan(), nan_rows)
+    if source == "q":
+        assert nan_rows.sum() == 2
+    assert 0 < nan_rows.sum() < nan_rows.numel()
     assert torch.equal(want_out[~nan_rows], clean_out[~nan_rows])
     tol = dict(atol=atol_for(torch.bfloat16), rtol=1e-2, equal_nan=True)
     torch.testing.assert_close(out, want_out, **tol)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4, equal_nan=True)
 
     grad = torch.randn(out.shape, generator=gen).bfloat16()
-    dq = sim.gaze_attention_backward(grad, None, q, k, v, out, lse, *args)[0]
-    want_dq = torch.ops.gaze.gaze_attention_backward(grad, None, q, k, v, want_out, want_lse,
-                                                     *args)[0]
-    assert dq[nan_rows].isnan().all() and want_dq[nan_rows].isnan().all()
-    torch.testing.assert_close(dq[~nan_rows].float(), want_dq[~nan_rows].float(), atol=3e-2,
-                               rtol=3e-2)
+    got = sim.gaze_attention_backward(grad, None, q, k, v, out, lse, *args)
+    want = torch.ops.gaze.gaze_attention_backward(grad, None, q, k, v, want_out, want_lse, *args)
+    spread = {"q": "dk", "k": "dq"}[source] if kernel == "tensor_core" else None
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        nan_vectors = w.isnan().all(-1)  # on the CPU a row or key is NaN whole, or not at all
+        assert torch.equal(w.isnan(), nan_vectors[..., None].expand_as(w)), name
+        assert 0 < nan_vectors.sum() < nan_vectors.numel(), name
+        if name == spread:
+            assert (g.isnan() | ~w.isnan()).all(), name
+            finite = ~g.isnan().any(-1)
+        else:
+            assert torch.equal(g.isnan(), w.isnan()), name
+            finite = ~nan_vectors
+        torch.testing.assert_close(g[finite].float(), w[finite].float(), atol=3e-2, rtol=3e-2,
+                                   msg=name)
 
 
 def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):

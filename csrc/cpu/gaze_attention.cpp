@@ -328,12 +328,14 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           for (int g = g0; g < g0 + gc; ++g) {
             acc* pg = probs.data() + g * kKeyBlock;
             acc* dpg = dprobs.data() + g * kKeyBlock;
-            // A row with lse = -inf saw no key in the forward: it gets no gradient.
+            // A row with lse = -inf saw no key in the forward: it gets no gradient (P = dS =
+            // 0, also where delta is NaN).
             if (lse2[g] == -std::numeric_limits<acc>::infinity()) {
               std::fill(pg, pg + n, acc(0));
-            } else {
-              exp2_shifted(pg, n, lse2[g]);
+              std::fill(dpg, dpg + n, acc(0));
+              continue;
             }
+            exp2_shifted(pg, n, lse2[g]);
             for (int j = 0; j < n; ++j) dpg[j] = pg[j] * (dpg[j] - delta[g]);  // dS
           }
           accumulate_rows(dp, kKeyBlock, gc, rows.k_rows, n, D, dq_accum.data() + g0 * D);

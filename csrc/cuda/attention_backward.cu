@@ -115,7 +115,7 @@ __device__ void backward_unit(const AttnParams& p, int64_t u, int split, float* 
           const bool live = pos >= 0 && sh.lse2[h] != kNegInf;
           const float prob = live ? exp2_approx(s[h] - sh.lse2[h]) : 0.f;
           sh.probs[h][j] = prob;
-          sh.dscores[h][j] = prob * (dp[h] - sh.delta[h]);
+          sh.dscores[h][j] = live ? prob * (dp[h] - sh.delta[h]) : 0.f;  // 0 * NaN delta: 0
         }
       }
     }

@@ -483,7 +483,7 @@ __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const ui
 
 // For this thread's row h of its warp (h = 0: lane row g, 1: g + 8; tile row `row`):
 // P = count(j) 2^(S scale - lse2) and dS = P (dP - delta) over the step's keys, in place
-// in s and dp, and rounded to T into the shared P and dS tiles. lse2 = -inf: P = 0.
+// in s and dp, and rounded to T into the shared P and dS tiles. lse2 = -inf: P = dS = 0.
 template <typename T, typename Count>
 __device__ __forceinline__ void probs_and_dscores(float (&s)[kKeyBlocks][4], float (&dp)[kKeyBlocks][4],
                                                   int h, int row, float lse2, float delta,
@@ -495,10 +495,11 @@ __device__ __forceinline__ void probs_and_dscores(float (&s)[kKeyBlocks][4], flo
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int n = count(nb * 8 + 2 * t4 + c);
-      const float pj = n > 0 && lse2 != kNegInf ? float(n) * exp2_approx(s[nb][2 * h + c] * score_scale - lse2)
-                                                : 0.f;
+      // An unseen key gets dS = 0 even where delta is NaN (a NaN row's NaN stays in its keys).
+      const bool seen = n > 0 && lse2 != kNegInf;
+      const float pj = seen ? float(n) * exp2_approx(s[nb][2 * h + c] * score_scale - lse2) : 0.f;
       s[nb][2 * h + c] = pj;
-      dp[nb][2 * h + c] = pj * (dp[nb][2 * h + c] - delta);
+      dp[nb][2 * h + c] = seen ? pj * (dp[nb][2 * h + c] - delta) : 0.f;
     }
     const int at = row * kProbStride + nb * 8 + 2 * t4;
     *reinterpret_cast<uint32_t*>(tile_probs + at) = pack_pair<T>(s[nb][2 * h], s[nb][2 * h + 1]);
