@@ -126,8 +126,9 @@ def build_layout(visuals: Sequence, seq_len: int,
             inside the sequence.
         seq_len: number of tokens (the key axis ``N``).
         region_shape: ``(r_t, r_h, r_w)`` tokens per region.
-        fixed_tokens: always-visible positions in ``[0, seq_len)`` and in no visual (``-1``
-            padding allowed); default: every position in no visual (text and context tokens).
+        fixed_tokens: always-visible positions in ``[0, seq_len)``, each once and in no
+            visual (``-1`` padding allowed); default: every position in no visual (text and
+            context tokens).
     """
     error = f"seq_len must be an int in [0, 2^31), got {seq_len!r}"
     seq_len = _as_int(seq_len, error)
@@ -171,12 +172,17 @@ def build_layout(visuals: Sequence, seq_len: int,
 
 def _check_fixed_tokens(fixed: Tensor, in_region: Tensor, where: str = "") -> None:
     """fixed [F] long positions, -1 padding; in_region [N] bool: the positions in a region.
-    ValueError unless every entry is in [-1, N) and no position is both fixed and in a
-    region (the ops require one or the other)."""
+    ValueError unless every entry is in [-1, N), no position is listed twice (the ops would
+    attend it twice) and none is both fixed and in a region (the ops require one or the
+    other)."""
     N = in_region.numel()
     if ((fixed < -1) | (fixed >= N)).any():
         raise ValueError(f"fixed_tokens holds positions outside [-1, {N}){where}")
     listed = fixed[fixed >= 0]
+    values, counts = torch.unique(listed, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"fixed_tokens lists positions {values[counts > 1].tolist()[:8]} more "
+                         f"than once{where}")
     shared = listed[in_region[listed]]
     if shared.numel():
         raise ValueError(f"positions {sorted(set(shared.tolist()))[:8]} are both in a region "
@@ -220,7 +226,8 @@ def validate_layout(layout: GazeLayout, num_keys: Optional[int] = None) -> None:
     Checks: int32 tensors of matching ranks and batch sizes on one device; region_ptr
     starts at 0, never decreases and stays within region_tokens; region tokens in
     [0, N); fixed tokens in [-1, N); region_pos is each non-empty region's largest
-    position; no position is both in a region and fixed.
+    position; no position is listed twice (in two regions, twice in one, twice among the
+    fixed tokens, or both in a region and fixed).
     """
     N = layout.num_keys if num_keys is None else num_keys
     names = ("region_ptr", "region_tokens", "region_pos", "fixed_tokens")
@@ -252,11 +259,19 @@ def validate_layout(layout: GazeLayout, num_keys: Optional[int] = None) -> None:
         used = tokens[: int(ptr[-1])]
         if ((used < 0) | (used >= N)).any():
             raise ValueError(f"region_tokens holds positions outside [0, {N}){where}")
-        for r in range(R):
-            members = used[int(ptr[r]): int(ptr[r + 1])]
-            if members.numel() and int(members.max()) != int(pos[r]):
-                raise ValueError(f"region_pos[{r}] = {int(pos[r])} but the region's largest "
-                                 f"position is {int(members.max())}{where}")
-        in_region = torch.zeros(N, dtype=torch.bool)
-        in_region[used] = True
-        _check_fixed_tokens(fixed, in_region, where)
+        sizes = ptr[1:] - ptr[:-1]
+        region_of = torch.repeat_interleave(torch.arange(R), sizes)  # [len(used)]
+        largest = torch.full((R,), -1, dtype=torch.long).scatter_reduce(0, region_of, used, "amax")
+        wrong = (sizes > 0) & (largest != pos)
+        if wrong.any():
+            r = int(torch.nonzero(wrong)[0])
+            raise ValueError(f"region_pos[{r}] = {int(pos[r])} but the region's largest "
+                             f"position is {int(largest[r])}{where}")
+        # The ops weigh a key by how often its lists name it; the contract's union names
+        # each once, so a hand-made layout must not list a position twice.
+        region_count = torch.bincount(used, minlength=N)
+        if (region_count > 1).any():
+            twice = torch.nonzero(region_count > 1).flatten().tolist()
+            raise ValueError(f"positions {twice[:8]} are listed in more than one region "
+                             f"(or twice in one){where}")
+        _check_fixed_tokens(fixed, region_count > 0, where)

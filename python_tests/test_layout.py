@@ -65,6 +65,7 @@ def test_builder_rejects_bad_visuals(visuals, seq_len, match):
     (dict(fixed_tokens=[38, 40]), r"outside \[-1, 40\)"),
     (dict(fixed_tokens=[-2]), r"outside \[-1, 40\)"),
     (dict(fixed_tokens=[38, 3, 35]), r"positions \[3, 35\] are both in a region and fixed"),
+    (dict(fixed_tokens=[38, -1, 39, -1, 38]), r"lists positions \[38\] more than once"),
     (dict(fixed_tokens=[36.0]), "integer positions"),
 ])
 def test_builder_rejects_bad_arguments(args, match):
@@ -112,6 +113,10 @@ def good_layout():
     ("fixed_tokens", lambda t: torch.cat([t, torch.tensor([16], dtype=torch.int32)]), "outside"),
     ("fixed_tokens", lambda t: torch.cat([t, torch.tensor([1], dtype=torch.int32)]),
      "both in a region and fixed"),
+    ("region_tokens", lambda t: torch.cat([t[:4], t[:1], t[5:]]), r"\[1\] are listed in more"),
+    ("region_tokens", lambda t: torch.cat([t[:1], t[:1], t[2:]]), r"\[1\] are listed in more"),
+    ("fixed_tokens", lambda t: torch.cat([t, t[1:2], torch.tensor([-1, -1], dtype=torch.int32)]),
+     r"fixed_tokens lists positions \[13\] more than once"),
     ("region_pos", lambda t: t - 1, "largest position"),
     ("region_pos", lambda t: t[:-1], "entries"),
 ])
