@@ -56,6 +56,7 @@ def test_layout_marks_kinds_groups_and_masks():
     mask = layout.dense_mask[0, 0]
     ctx = 16  # second context token of frame 1
     assert mask[ctx].nonzero().flatten().tolist() == list(range(10, 17))
+    assert mask[9].nonzero().flatten().tolist() == list(range(2, 10))  # of frame 0 (group 0)
     assert mask[5].nonzero().flatten().tolist() == list(range(6))     # visual: dense causal
     gaze = layout.gaze
     assert gaze.fixed_tokens[0].tolist() == [0, 1, 8, 9, 16, 17, 18]   # text + context
@@ -238,6 +239,7 @@ def test_schedule_goes_from_dense_to_target(kind):
 def test_constant_schedule_and_bad_arguments():
     s = TopKSchedule(target=2, num_regions=16, kind="constant")
     assert s(0) == 2
+    assert TopKSchedule(target=1, num_regions=16, kind="constant")(0) == 1  # the least K
     with pytest.raises(ValueError):
         TopKSchedule(target=0, num_regions=16)
     with pytest.raises(ValueError):

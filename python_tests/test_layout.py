@@ -37,6 +37,12 @@ def test_video_regions_span_frames_and_several_visuals():
     validate_layout(layout)
 
 
+def test_builder_puts_the_layout_on_the_device_asked_for():
+    layout = build_layout([(1, 1, 2, 2)], 8, region_shape=(1, 2, 2), device="meta")
+    assert {t.device.type for t in layout[:4]} == {"meta"} and layout.num_keys == 8
+    assert build_layout([(1, 1, 2, 2)], 8).region_ptr.device.type == "cpu"
+
+
 def test_explicit_fixed_tokens_and_no_visuals():
     layout = build_layout([], 5, fixed_tokens=[4, 0, 2])
     assert layout.num_regions == 0 and layout.region_ptr.tolist() == [0]
@@ -65,6 +71,7 @@ def test_builder_rejects_bad_visuals(visuals, seq_len, match):
     (dict(fixed_tokens=[38, 40]), r"outside \[-1, 40\)"),
     (dict(fixed_tokens=[-2]), r"outside \[-1, 40\)"),
     (dict(fixed_tokens=[38, 3, 35]), r"positions \[3, 35\] are both in a region and fixed"),
+    (dict(fixed_tokens=[38, 0]), r"positions \[0\] are both in a region and fixed"),
     (dict(fixed_tokens=[38, -1, 39, -1, 38]), r"lists positions \[38\] more than once"),
     (dict(fixed_tokens=[36.0]), "integer positions"),
 ])
@@ -107,7 +114,10 @@ def good_layout():
 @pytest.mark.parametrize("field, value, match", [
     ("region_ptr", lambda t: t.long(), "int32"),
     ("region_ptr", lambda t: t + 1, "start at 0"),
-    ("region_ptr", lambda t: torch.tensor([0, 4, 2, 10, 12], dtype=torch.int32), "decreases"),
+    ("region_ptr", lambda t: torch.tensor([0, 4, 2, 10, 12], dtype=torch.int32),
+     "decreases at region 1"),
+    ("region_ptr", lambda t: torch.tensor([0, 4, 4, 2, 12], dtype=torch.int32),
+     "decreases at region 2"),  # an empty region before it is no decrease
     ("region_ptr", lambda t: torch.tensor([0, 4, 8, 10, 13], dtype=torch.int32), "runs past"),
     ("region_tokens", lambda t: t + 16, "outside"),
     ("fixed_tokens", lambda t: torch.cat([t, torch.tensor([16], dtype=torch.int32)]), "outside"),
@@ -117,6 +127,7 @@ def good_layout():
     ("region_tokens", lambda t: torch.cat([t[:1], t[:1], t[2:]]), r"\[1\] are listed in more"),
     ("fixed_tokens", lambda t: torch.cat([t, t[1:2], torch.tensor([-1, -1], dtype=torch.int32)]),
      r"fixed_tokens lists positions \[13\] more than once"),
+    ("fixed_tokens", lambda t: torch.cat([t, t[:1]]), r"lists positions \[0\] more than once"),
     ("region_pos", lambda t: t - 1, "largest position"),
     ("region_pos", lambda t: t[:-1], "entries"),
 ])
