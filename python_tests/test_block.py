@@ -47,6 +47,24 @@ def tiny_model(share_kv=True, region_shape=(2, 2, 2), seed=0, device="cpu", dtyp
                   share_kv=share_kv).to(device, dtype)
 
 
+def test_layout_goes_to_the_device_asked_for():
+    plan = [[("text", 2), ("visual", 1, 2, 3)]]
+    layout = build_multimodal_layout(plan, num_context=2, device="meta")
+    assert {layout.kinds.device.type, layout.dense_mask.device.type,
+            layout.gaze.region_ptr.device.type} == {"meta"}
+    assert build_multimodal_layout(plan, num_context=2).kinds.device.type == "cpu"
+
+
+def test_context_tokens_reject_a_part_of_another_rank():
+    with pytest.raises(ValueError, match=r"a part must be .* got \(8,\)"):
+        ContextTokens(d_model=8, num_tokens=2)([[torch.zeros(8)]])
+
+
+def test_layout_rejects_an_unknown_part():
+    with pytest.raises(ValueError, match=r"unknown part \('audio', 3\)"):
+        build_multimodal_layout([[("text", 2), ("audio", 3)]])
+
+
 def test_layout_marks_kinds_groups_and_masks():
     layout = build_multimodal_layout([[("text", 2), ("visual", 2, 2, 3), ("text", 1)]],
                                      num_context=2, region_shape=(2, 2, 2))
@@ -149,6 +167,17 @@ def test_generation_with_cache_matches_recomputation(device, share_kv):
         full = model(x, layout, topk)
         last = full[torch.arange(len(batch)), layout.lengths - 1]
         assert_matches(last, logits[:, t])
+
+
+def test_generation_runs_one_decode_step_per_token_after_the_first(monkeypatch):
+    """The prompt's pass gives the first token; each later one costs one cached step, and no
+    step runs after the last token (its logits would be thrown away)."""
+    began = []
+    begin_step = GazeKVCache.begin_step
+    monkeypatch.setattr(GazeKVCache, "begin_step", lambda self: began.append(1) or begin_step(self))
+    model = tiny_model()
+    tokens = model.generate(samples(generator(3)), 5, topk=1)
+    assert tokens.shape[1] == 5 and len(began) == 4
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -41,6 +41,9 @@ def test_builder_puts_the_layout_on_the_device_asked_for():
     layout = build_layout([(1, 1, 2, 2)], 8, region_shape=(1, 2, 2), device="meta")
     assert {t.device.type for t in layout[:4]} == {"meta"} and layout.num_keys == 8
     assert build_layout([(1, 1, 2, 2)], 8).region_ptr.device.type == "cpu"
+    batch = build_batch_layout([([(1, 1, 2, 2)], 8), ([], 3)], region_shape=(1, 2, 2),
+                               device="meta")
+    assert {t.device.type for t in batch[:4]} == {"meta"} and batch.num_keys == 8
 
 
 def test_explicit_fixed_tokens_and_no_visuals():
@@ -101,7 +104,7 @@ def test_ragged_batch_is_padded():
 
 def test_stack_rejects_batched_and_empty():
     single = build_layout([(0, 1, 2, 2)], 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one layout"):
         stack_layouts([])
     with pytest.raises(ValueError, match="unbatched"):
         stack_layouts([stack_layouts([single])])
