@@ -21,12 +21,12 @@ from gaze_ext import ops
 
 def corrupted(layout, N, seed):
     """The layout's tensors with contents the ops check only under GAZE_CHECK_INDICES:
-    tokens out of range, a fixed position past N, and (seed 1) region spans that run
-    backwards and past the token list."""
+    tokens out of range (N itself, the first position past the keys, among them), fixed
+    positions past N, and (seed 1) region spans that run backwards and past the token list."""
     ptr, tokens = layout.region_ptr.clone(), layout.region_tokens.clone()
-    tokens[0, 3], tokens[-1, 1] = N + 11, -4
-    fixed = torch.cat([layout.fixed_tokens, torch.full((ptr.shape[0], 1), N + 3, dtype=torch.int32,
-                                                       device=ptr.device)], 1)
+    tokens[0, 3], tokens[-1, 1], tokens[-1, 2] = N + 11, -4, N
+    past = torch.tensor([N + 3, N], dtype=torch.int32, device=ptr.device)
+    fixed = torch.cat([layout.fixed_tokens, past.expand(ptr.shape[0], 2)], 1)
     if seed == 1:
         ptr[0, 2], ptr[-1, -1] = ptr[0, 1] - 2, tokens.shape[1] + 40
     return ptr, tokens, fixed
@@ -55,6 +55,7 @@ def main(quick=False):
                                              layout.region_pos)
                     idx = idx.clone()
                     idx[..., 0] = layout.num_regions + 5
+                    idx[..., -1] = layout.num_regions  # the first id past the regions
                     out, lse = ops.gaze_attention(q, k, v, ptr, tokens, fixed, idx, q_pos)
                     (out.float().sum() + torch.nan_to_num(lse, neginf=0).sum()).backward()
             torch.use_deterministic_algorithms(True)  # the ordered backward kernel too
@@ -83,6 +84,7 @@ def tensor_core_cases(quick):
             idx = torch.randint(-1, layout.num_regions, (B, Hs, Lq, 7), device=dev,
                                 dtype=torch.int32)
             idx[..., 3] = layout.num_regions + 2
+            idx[..., 5] = layout.num_regions
             idx[..., 4] = idx[..., 1]  # repeats, counted by the selection rules
             out, lse = ops.gaze_attention(q, k, v, ptr, tokens, fixed, idx, q_pos)
             (out.float().sum() + torch.nan_to_num(lse, neginf=0).sum()).backward()

@@ -181,7 +181,7 @@ def test_region_pool_backward_is_deterministic_when_asked(sim, dtype, head_dim, 
 
 
 def test_region_pool_skips_tokens_out_of_range(sim):
-    """sanitize_case.py's corrupted tokens (N + 11 and -4, unchecked): the pool and both
+    """sanitize_case.py's corrupted tokens (N + 11, N and -4, unchecked): the pool and both
     backward kernels skip them, as if they pointed at a zero key row whose gradient is
     dropped. (Written anyway, such a token's add lands in another head's rows.)"""
     gen = generator(170)
@@ -808,6 +808,7 @@ def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, 
             idx, _ = sim.region_topk(q, desc, ptr, topk, share, q_pos, layout.region_pos)
             idx = idx.clone()
             idx[..., 0] = R + 5
+            idx[..., -1] = R  # the first id past the regions
             for kernel in kernels:
                 monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
                 out, lse = sim.gaze_attention(q, k, v, ptr, tokens, fixed, idx, q_pos, 0.3)
