@@ -16,7 +16,6 @@ Each source is rewritten a little on the way:
 import os
 import pathlib
 import re
-import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -78,16 +77,9 @@ def write_if_changed(path, text):
         path.write_text(text)
 
 
-def sanitizer_library():
-    """GCC's AddressSanitizer runtime, which a sanitized build needs preloaded."""
-    found = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
-    path = found.stdout.strip()
-    return path if found.returncode == 0 and os.path.isabs(path) else None
-
-
 def build(verbose=False, sanitize=False):
     """Compiles (or reuses) gaze_sim and loads its ops into this process. sanitize: with
-    AddressSanitizer (the process must have sanitizer_library() preloaded), so every read
+    AddressSanitizer (the process must have sanitizer.sanitizer_library() preloaded), so every read
     and write of the kernels is bounds-checked: a memcheck without a GPU."""
     from torch.utils.cpp_extension import load
     include = cuda_include_dir()

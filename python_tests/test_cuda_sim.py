@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cuda_sim
+from sanitizer import sanitized_env, sanitizer_library
 import gaze_ext
 from benchmarks.sanitize_case import corrupted
 from gaze_ext import ops, reference
@@ -834,17 +835,13 @@ def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, 
 
 # ---------------------------------------------------------------------------- memcheck
 
-@pytest.mark.skipif(SANITIZED or cuda_sim.sanitizer_library() is None,
+@pytest.mark.skipif(SANITIZED or sanitizer_library() is None,
                     reason="inside the sanitized run, or no AddressSanitizer runtime")
 def test_under_address_sanitizer(built):
     """Every test above again, with gaze_sim built with AddressSanitizer: any read or
     write of a kernel outside a tensor, the dynamic shared memory or a __shared__ array
     fails the run (compute-sanitizer's memcheck, on the CPU)."""
-    libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True,
-                               text=True).stdout.strip()
-    env = dict(os.environ, GAZE_SIM_SANITIZE="1", ASAN_OPTIONS="detect_leaks=0",
-               # the runtime first; libstdc++ so that it finds __cxa_throw
-               LD_PRELOAD=f"{cuda_sim.sanitizer_library()} {libstdcxx}")
+    env = sanitized_env(GAZE_SIM_SANITIZE="1")
     run = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-s", "-p", "no:cacheprovider",
          "-k", "not test_under_address_sanitizer"],
