@@ -488,19 +488,33 @@ def test_zero_size_operands_match_cpu(sim, monkeypatch, kernel, B, Lq, N, D, reg
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("source", ["q", "k"])
+def assert_nan_pattern(got, want, spread, name):
+    """got is NaN where want is, and, unless spread, nowhere else; the other values agree."""
+    if spread:
+        assert (got.isnan() | ~want.isnan()).all(), name
+    else:
+        assert torch.equal(got.isnan(), want.isnan()), name
+    finite = ~got.isnan()
+    torch.testing.assert_close(got[finite].float(), want[finite].float(), atol=3e-2, rtol=3e-2,
+                               msg=name)
+
+
+@pytest.mark.parametrize("source", ["q", "k", "v"])
 @pytest.mark.parametrize("kernel", ["split", "split_block", "tensor_core"])
 def test_non_finite_scores_give_nan_rows_as_on_cpu(sim, monkeypatch, kernel, source):
     """Rows whose scores hold a NaN or a +inf get out = NaN, lse = NaN, NaN dq, and NaN
     dk/dv on the keys they see, from each kernel family as from the CPU op, whose other rows
     and keys they leave as they were. source "q": a NaN and an inf element in two query rows;
-    "k": a NaN in one region key's K row, seen by some rows of a tile and not by others.
+    "k": a NaN in one region key's K row, seen by some rows of a tile and not by others;
+    "v": the same in its V row, so the scores and lse stay finite and out is NaN on the rows
+    that see the key (and dq, dk through delta = rowsum(dO * out); dv stays finite).
 
     The tensor-core kernels multiply whole tiles, so a NaN operand row reaches every product
     of its tile (0 * NaN), as in dense attention: with a NaN q row, dk is NaN on more keys
-    than on the CPU; with a NaN k row, dq on more rows. Where the CPU's gradient is NaN the
-    kernel's is too, and the rest match. The softmax's own factor dS = P (dP - delta) must
-    not spread a NaN row's delta to keys the row does not see."""
+    than on the CPU; with a NaN k row, dq on more rows; with a NaN v row, out on more rows
+    and through it dq and dk. Where the CPU's value is NaN the kernel's is too, and the rest
+    match. The softmax's own factor dS = P (dP - delta) must not spread a NaN row's delta
+    to keys the row does not see."""
     if kernel == "tensor_core":
         gen, layout, idx, q_pos, qkv = tiled_case(0, torch.bfloat16, "cpu")
         args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, q_pos, 0.2)
@@ -515,37 +529,37 @@ def test_non_finite_scores_give_nan_rows_as_on_cpu(sim, monkeypatch, kernel, sou
     else:
         region_ptr, region_tokens, idx = args[0], args[1], args[3]
         region = int(idx[0, 0, 0, 0])
-        k = k.clone()
-        k[0, 0, int(region_tokens[0, region_ptr[0, region]]), 2] = float("nan")
+        poisoned = (k if source == "k" else v).clone()
+        poisoned[0, 0, int(region_tokens[0, region_ptr[0, region]]), 2] = float("nan")
+        k, v = (poisoned, v) if source == "k" else (k, poisoned)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", kernel)
     out, lse = sim.gaze_attention(q, k, v, *args)
     want_out, want_lse = ops.gaze_attention(q, k, v, *args)
-    nan_rows = want_out.isnan().all(-1)
-    assert torch.equal(want_lse.isnan(), nan_rows)
+    nan_rows = want_out.isnan().any(-1)
+    if source == "v":  # finite scores; out is NaN in the poisoned element's column only
+        assert not want_lse.isnan().any() and torch.equal(want_out.isnan().sum(-1), nan_rows.int())
+    else:
+        assert torch.equal(want_lse.isnan(), nan_rows) and want_out[nan_rows].isnan().all()
     if source == "q":
         assert nan_rows.sum() == 2 and nan_rows[0, 1, 0] and nan_rows[1, 6, -1]
     assert 0 < nan_rows.sum() < nan_rows.numel()
     assert torch.equal(want_out[~nan_rows], clean_out[~nan_rows])
-    tol = dict(atol=atol_for(torch.bfloat16), rtol=1e-2, equal_nan=True)
-    torch.testing.assert_close(out, want_out, **tol)
+    tensor_core_spread = {"q": {"dk"}, "k": {"dq"}, "v": {"out", "dq", "dk"}}[source]
+    spread = tensor_core_spread if kernel == "tensor_core" else set()
+    assert_nan_pattern(out, want_out, "out" in spread, "out")
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4, equal_nan=True)
 
     grad = torch.randn(out.shape, generator=gen).bfloat16()
     got = sim.gaze_attention_backward(grad, None, q, k, v, out, lse, *args)
     want = torch.ops.gaze.gaze_attention_backward(grad, None, q, k, v, want_out, want_lse, *args)
-    spread = {"q": "dk", "k": "dq"}[source] if kernel == "tensor_core" else None
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         nan_vectors = w.isnan().all(-1)  # on the CPU a row or key is NaN whole, or not at all
         assert torch.equal(w.isnan(), nan_vectors[..., None].expand_as(w)), name
-        assert 0 < nan_vectors.sum() < nan_vectors.numel(), name
-        if name == spread:
-            assert (g.isnan() | ~w.isnan()).all(), name
-            finite = ~g.isnan().any(-1)
+        if name == "dv" and source == "v":
+            assert not nan_vectors.any()  # P and dO stay finite
         else:
-            assert torch.equal(g.isnan(), w.isnan()), name
-            finite = ~nan_vectors
-        torch.testing.assert_close(g[finite].float(), w[finite].float(), atol=3e-2, rtol=3e-2,
-                                   msg=name)
+            assert 0 < nan_vectors.sum() < nan_vectors.numel(), name
+        assert_nan_pattern(g, w, name in spread, name)
 
 
 def test_split_kernels_with_one_split_per_unit(sim, monkeypatch):
