@@ -762,6 +762,8 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   __shared__ int64_t row_stat[2][kTileRows];  // per chunk parity: the row's index into lse/delta
                                               // ((b Hq + h) Lq + i), -1: none
   __shared__ int32_t row_limit[2][kTileRows];
+  __shared__ int32_t row_head[2][kTileRows];  // the row's query head and position, so that
+  __shared__ int32_t row_query[2][kTileRows];  // its gathers need no 64-bit division
   __shared__ uint32_t all_rows[kTileWarps];   // keys_times_rows' masks: every row chunk counts
   const AttentionShape& S = p.shape;
   const LayoutView& layout = p.layout;
@@ -788,29 +790,31 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   const int64_t kv_row0 = (b * S.kv_heads + kv_head) * int64_t(layout.num_keys);
   const RegionSpan span = layout.region(b, region);
 
-  // Rows of the chunk from selection e0 into row_stat/row_limit[parity] (row x: selection
+  // Rows of the chunk from selection e0 into row_stat/limit/head/query[parity] (row x: selection
   // e0 + x / heads, head x % heads); the caller synchronizes.
   auto chunk_rows = [&](int64_t e0, int parity) {
     if (threadIdx.x >= kTileRows) return;
     const int x = threadIdx.x;
     const int64_t e = e0 + x / p.heads;
     int64_t stat = -1;
-    int32_t limit = -1;
+    int32_t limit = -1, head = 0, i = 0;
     if (x < per_chunk * p.heads && e < end) {
-      const int i = int(p.selections[e] % S.q_len);
-      stat = (b * S.q_heads + first_head + x % p.heads) * int64_t(S.q_len) + i;
+      i = int(p.selections[e] % S.q_len);
+      head = first_head + x % p.heads;
+      stat = (b * S.q_heads + head) * int64_t(S.q_len) + i;
       limit = p.q_pos ? p.q_pos[b * S.q_len + i] : kNoCausalLimit;
     }
     row_stat[parity][x] = stat;
     row_limit[parity][x] = limit;
+    row_head[parity][x] = head;
+    row_query[parity][x] = i;
   };
   // Starts copying the chunk's rows of a [B, Hq, Lq, D] tensor (one cp.async group).
   auto gather_rows = [&](const void* src, const Strides4& s, int parity, uint16_t* dst) {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
     load_tile_rows<D, /*kAsync=*/true>(dst, [&](int r) -> const uint16_t* {
-      const int64_t stat = row_stat[parity][r];
-      if (stat < 0) return nullptr;
-      return base + s.offset(b, (stat / S.q_len) % S.q_heads, stat % S.q_len);
+      if (row_stat[parity][r] < 0) return nullptr;
+      return base + s.offset(b, row_head[parity][r], row_query[parity][r]);
     });
   };
 
