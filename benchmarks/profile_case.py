@@ -6,7 +6,8 @@ throughput come back from one device call (GPU-NOTES: profile before changing a 
 
 decode: region_topk + gaze_attention at the decode benchmark's GPU shape, one selection per
 KV head, then one per query head; prefill: the prefill benchmark's correlated-query step,
-forward and backward, one selection per KV head.
+forward and backward, one selection per KV head. (`--device cpu` runs the same steps on the
+CPU: the tests do, on tiny shapes, so that a device call never finds this script broken.)
 """
 import argparse
 
@@ -17,15 +18,15 @@ from benchmarks import decode, prefill
 from gaze_ext import ops
 
 
-def decode_steps(repeats: int) -> None:
+def decode_steps(repeats: int, device: str = "cuda") -> None:
     s = decode.GPU_SHAPE
     N = s.frames * s.frame_h * s.frame_w + s.text
     layout = gaze_ext.build_layout([(0, s.frames, s.frame_h, s.frame_w)], N,
-                                   region_shape=s.region, device="cuda")
+                                   region_shape=s.region, device=device)
     K = max(1, round(s.topk_fraction * layout.num_regions))
     dtype = getattr(torch, s.dtype)
-    q = torch.randn(s.batch, s.q_heads, 1, s.head_dim, device="cuda", dtype=dtype)
-    k, v = (torch.randn(s.batch, s.kv_heads, N, s.head_dim, device="cuda", dtype=dtype)
+    q = torch.randn(s.batch, s.q_heads, 1, s.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(s.batch, s.kv_heads, N, s.head_dim, device=device, dtype=dtype)
             for _ in range(2))
     desc = ops.region_pool(k, layout.region_ptr, layout.region_tokens)
     for share in (True, False):
@@ -35,20 +36,20 @@ def decode_steps(repeats: int) -> None:
                                layout.fixed_tokens, idx)
 
 
-def prefill_steps(repeats: int) -> None:
+def prefill_steps(repeats: int, device: str = "cuda") -> None:
     s = prefill.GPU_SHAPE
     visual = s.frames * s.frame_h * s.frame_w
     N = visual + s.text
-    layout = gaze_ext.build_layout([(0, s.frames, s.frame_h, s.frame_w)], N, device="cuda")
+    layout = gaze_ext.build_layout([(0, s.frames, s.frame_h, s.frame_w)], N, device=device)
     K = max(1, round(s.topk_fraction * layout.num_regions))
     dtype = getattr(torch, s.dtype)
-    q_pos = (visual + torch.arange(s.text, device="cuda", dtype=torch.int32)).expand(
+    q_pos = (visual + torch.arange(s.text, device=device, dtype=torch.int32)).expand(
         s.batch, s.text).contiguous()
     q = prefill.correlated_queries(s.batch, s.q_heads, s.text, s.head_dim, prefill.CORRELATION,
-                                   "cuda", dtype).requires_grad_()
-    k, v = (torch.randn(s.batch, s.kv_heads, N, s.head_dim, device="cuda", dtype=dtype,
+                                   device, dtype).requires_grad_()
+    k, v = (torch.randn(s.batch, s.kv_heads, N, s.head_dim, device=device, dtype=dtype,
                         requires_grad=True) for _ in range(2))
-    grad = torch.randn(q.shape, device="cuda", dtype=dtype)
+    grad = torch.randn(q.shape, device=device, dtype=dtype)
     desc = ops.region_pool(k.detach(), layout.region_ptr, layout.region_tokens)
     for _ in range(repeats):
         idx, _ = ops.region_topk(q.detach(), desc, layout.region_ptr, K, True, q_pos,
@@ -58,13 +59,15 @@ def prefill_steps(repeats: int) -> None:
         out.backward(grad)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("step", choices=("decode", "prefill"))
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    (decode_steps if args.step == "decode" else prefill_steps)(args.repeats)
-    torch.cuda.synchronize()
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    (decode_steps if args.step == "decode" else prefill_steps)(args.repeats, args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

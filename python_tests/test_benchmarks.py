@@ -8,7 +8,7 @@ import torch
 
 import benchmarks.common
 import gaze_ext
-from benchmarks import decode, flex, prefill
+from benchmarks import decode, flex, prefill, profile_case
 from benchmarks.common import kernel_sections, kernel_times, short_kernel_name
 from gaze_ext import reference
 from helpers import generator, q_positions, random_layout, random_selection
@@ -128,6 +128,25 @@ def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path)
     result = json.loads((tmp_path / "prefill-cpu.json").read_text())
     assert not any(row["variant"].startswith("flex") for row in result["rows"])
     assert "- FlexAttention peer: left out (--no-flex)" in (tmp_path / "prefill-cpu.md").read_text()
+
+
+def test_profile_case_runs_each_step(monkeypatch):
+    """gpu_check.sh's `profile` mode runs profile_case under Nsight Compute: its decode and
+    prefill steps, here at tiny shapes on the CPU, call the ops they are meant to profile."""
+    monkeypatch.setattr(decode, "GPU_SHAPE", decode.DecodeShape(2, 4, 2, 16, 2, 7, 5, 9, (1, 3, 3),
+                                                                 0.3, "bfloat16"))
+    monkeypatch.setattr(prefill, "GPU_SHAPE", prefill.PrefillShape(1, 4, 2, 16, 2, 6, 7, 20, 0.25,
+                                                                   "bfloat16"))
+    calls = []
+    for name in ("region_topk", "gaze_attention"):
+        op = getattr(profile_case.ops, name)
+        monkeypatch.setattr(profile_case.ops, name,
+                            lambda *a, op=op, name=name, **kw: calls.append(name) or op(*a, **kw))
+    profile_case.main(["decode", "--device", "cpu", "--repeats", "3"])
+    assert calls == ["region_topk", "gaze_attention"] * 6  # 3 shared, then 3 per query head
+    calls.clear()
+    profile_case.main(["prefill", "--device", "cpu"])
+    assert calls == ["region_topk", "gaze_attention"] * 2
 
 
 @pytest.mark.parametrize("seed", range(6))
