@@ -1,6 +1,6 @@
-"""The CPU kernels' tests again, on an AddressSanitizer build of the kernels
-(cpu_sanitized.py): a read or write outside a tensor or a stack buffer fails the run, even
-where the values it produced were right. The widest vector level runs every op test; the
+"""The CPU kernels' tests again, on an AddressSanitizer and UndefinedBehaviorSanitizer build
+of the kernels (cpu_sanitized.py): a read or write outside a tensor or a stack buffer, or
+undefined behaviour, fails the run, even where the values it produced were right. The widest vector level runs every op test; the
 lower ones (forced as in test_cpu_isa.py) the kernel tests, for their own loop tails."""
 import os
 import platform
@@ -28,7 +28,8 @@ def run_sanitized(tests, **env):
 
 def assert_clean(run):
     report = run.stdout[-3000:] + run.stderr[-6000:]
-    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, report
+    assert run.returncode == 0, report
+    assert "AddressSanitizer" not in run.stderr and "runtime error:" not in run.stderr, report
 
 
 @pytest.mark.skipif(os.environ.get("GAZE_CPU_SANITIZE") == "1" or sanitizer_library() is None,
