@@ -80,7 +80,9 @@ def write_if_changed(path, text):
 def build(verbose=False, sanitize=False):
     """Compiles (or reuses) gaze_sim and loads its ops into this process. sanitize: with
     AddressSanitizer (the process must have sanitizer.sanitizer_library() preloaded), so every read
-    and write of the kernels is bounds-checked: a memcheck without a GPU."""
+    and write of the kernels is bounds-checked: a memcheck without a GPU; and with
+    UndefinedBehaviorSanitizer, which aborts on a misaligned access (a vector load or store
+    whose address a GPU would fault on), a signed overflow or an oversized shift."""
     from torch.utils.cpp_extension import load
     include = cuda_include_dir()
     assert include is not None, "gaze_sim needs the CUDA headers (cuda_runtime.h)"
@@ -109,7 +111,8 @@ def build(verbose=False, sanitize=False):
     # tens of thousands of regions take several launches.
     flags = ["-O1", "-std=c++20", "-DGAZE_CUDA_SIM", "-DGAZE_TOPK_SCRATCH_BYTES=1048576",
              "-include", str(CSRC / "cuda_sim" / "gaze_sim.h")]
-    sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    sanitizer = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                 "-fno-omit-frame-pointer"] if sanitize else []
     name = "gaze_cuda_sim_asan" if sanitize else "gaze_cuda_sim"
     objects = BUILD / name
     objects.mkdir(parents=True, exist_ok=True)

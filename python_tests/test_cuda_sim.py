@@ -854,11 +854,14 @@ def test_corrupted_indices_are_never_read_out_of_bounds(sim, monkeypatch, seed, 
 def test_under_address_sanitizer(built):
     """Every test above again, with gaze_sim built with AddressSanitizer: any read or
     write of a kernel outside a tensor, the dynamic shared memory or a __shared__ array
-    fails the run (compute-sanitizer's memcheck, on the CPU)."""
+    fails the run (compute-sanitizer's memcheck, on the CPU); and with
+    UndefinedBehaviorSanitizer: a misaligned access, a signed overflow or an oversized shift
+    fails it too."""
     env = sanitized_env(GAZE_SIM_SANITIZE="1")
     run = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-s", "-p", "no:cacheprovider",
          "-k", "not test_under_address_sanitizer"],
         env=env, capture_output=True, text=True, cwd=cuda_sim.ROOT)
     report = run.stdout[-3000:] + run.stderr[-6000:]
-    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, report
+    assert run.returncode == 0, report
+    assert "AddressSanitizer" not in run.stderr and "runtime error:" not in run.stderr, report
