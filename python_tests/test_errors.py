@@ -80,6 +80,10 @@ ATTENTION_CASES = {
     "fixed below -1": (dict(fixed_tokens=torch.tensor([-2], dtype=I32)),
                        ["fixed_tokens", "outside"]),
     "fixed dtype": (dict(fixed_tokens=torch.tensor([0.0])), ["fixed_tokens", "int32"]),
+    # (stride-0 views: no memory behind these lengths)
+    "key lists past int32": (dict(fixed_tokens=torch.full((1,), -1, dtype=I32).expand(2**30),
+                                  region_tokens=torch.zeros(1, dtype=I32).expand(2**30)),
+                             ["fixed_tokens and region_tokens", str(2**31), "int32"]),
     "q_pos shape": (dict(q_pos=torch.zeros(B, Lq + 1, dtype=I32)), ["q_pos", "shape"]),
     "q_pos batch": (dict(q_pos=torch.zeros(B + 1, Lq, dtype=I32)), ["q_pos", "shape"]),
     "q_pos dtype": (dict(q_pos=torch.zeros(B, Lq, dtype=torch.int64)), ["q_pos", "int32"]),
@@ -129,6 +133,8 @@ POOL_CASES = {
     "N past int32": (dict(k=torch.empty(1, 1, 2**31, 0), region_ptr=torch.tensor([0, 1], dtype=I32),
                           region_tokens=torch.tensor([2**31 - 1], dtype=I32)),
                      ["N (keys.size(2))", "int32"]),
+    "tokens past int32": (dict(region_tokens=torch.zeros(1, dtype=I32).expand(2**31 - 200)),
+                          ["region_tokens", str(2**31 - 200), "int32"]),
     "tokens batch": (dict(region_tokens=LAYOUT.region_tokens.expand(5, -1)),
                      ["region_tokens", "batch"]),
 }

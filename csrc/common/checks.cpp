@@ -9,6 +9,10 @@
 namespace gaze {
 namespace {
 
+// Entries of one index list, and of the fixed and region token lists together: the kernels
+// walk a row's keys with int32 counters that run up to a step (at most 256 keys) past the end.
+constexpr int64_t kMaxListEntries = std::numeric_limits<int32_t>::max() - 256;
+
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t batch,
                         const at::Device& device) {
   TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "gaze.", op, ": ", name,
@@ -18,8 +22,9 @@ void check_index_tensor(const char* op, const char* name, const at::Tensor& t, i
   check_device(op, name, t, device);
   TORCH_CHECK(t.dim() == 1 || t.size(0) == batch, "gaze.", op, ": ", name,
               " has batch size ", t.size(0), " but the operands have batch size ", batch);
-  TORCH_CHECK(t.size(-1) < std::numeric_limits<int32_t>::max(), "gaze.", op, ": ", name,
-              " is too long for int32 indices");
+  TORCH_CHECK(t.size(-1) <= kMaxListEntries, "gaze.", op, ": ", name, " has ", t.size(-1),
+              " entries per batch element, more than the ", kMaxListEntries,
+              " that int32 indices allow");
 }
 
 int64_t batch_stride(const at::Tensor& t) { return t.dim() == 2 ? t.size(1) : 0; }
@@ -79,14 +84,16 @@ LayoutTensors check_layout(const char* op, int64_t batch, const at::Device& devi
               ": region_ptr must hold R+1 >= 1 entries, got shape ", region_ptr.sizes());
   out.region_ptr = region_ptr.contiguous();
   out.num_regions = region_ptr.size(-1) - 1;
-  if (region_tokens) {
-    check_index_tensor(op, "region_tokens", *region_tokens, batch, device);
-    out.region_tokens = region_tokens->contiguous();
+  if (region_tokens) check_index_tensor(op, "region_tokens", *region_tokens, batch, device);
+  if (fixed_tokens) check_index_tensor(op, "fixed_tokens", *fixed_tokens, batch, device);
+  if (region_tokens && fixed_tokens) {
+    const int64_t entries = fixed_tokens->size(-1) + region_tokens->size(-1);
+    TORCH_CHECK(entries <= kMaxListEntries, "gaze.", op, ": fixed_tokens and region_tokens hold ",
+                entries, " entries per batch element together, more than the ", kMaxListEntries,
+                " that a query's int32 key list allows");
   }
-  if (fixed_tokens) {
-    check_index_tensor(op, "fixed_tokens", *fixed_tokens, batch, device);
-    out.fixed_tokens = fixed_tokens->contiguous();
-  }
+  if (region_tokens) out.region_tokens = region_tokens->contiguous();
+  if (fixed_tokens) out.fixed_tokens = fixed_tokens->contiguous();
   if (region_pos) {
     check_index_tensor(op, "region_pos", *region_pos, batch, device);
     TORCH_CHECK(region_pos->size(-1) == out.num_regions, "gaze.", op, ": region_pos has ",
