@@ -73,7 +73,7 @@ sanitize() {  # sanitize TOOL LIMIT [ARGS...]: one compute-sanitizer tool over s
 
 step build 150 "$OUT/build.log" $PY setup.py build_ext --inplace
 # (gaze_sim, the CPU emulation of these kernels, is for machines without a GPU, and so is the
-# AddressSanitizer rerun of the CPU kernels' tests: CI runs both, and device time is short)
+# sanitized rerun of the CPU kernels' tests: CI runs both, and device time is short)
 # A test that hangs past 60 s (a deadlock on the GPU) prints every thread's stack to the log.
 # Without PYTEST ARGS the suite runs so that a crash (a segfault, a broken CUDA context)
 # costs one test's or one file's result, not the rest of the suite's: in 4 pytest-xdist

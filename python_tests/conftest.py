@@ -1,5 +1,5 @@
 """GAZE_CPU_SANITIZE=1 (set by test_cpu_sanitized.py, with AddressSanitizer preloaded): the
-tests run on an AddressSanitizer build of the CPU kernels instead of gaze_ext._C."""
+tests run on a sanitized build of the CPU kernels (cpu_sanitized.py) instead of gaze_ext._C."""
 import os
 
 if os.environ.get("GAZE_CPU_SANITIZE") == "1":

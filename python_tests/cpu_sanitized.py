@@ -5,7 +5,7 @@ see (an extra prefetch, a row-pointer table filled one entry too far), and so do
 behaviour (signed overflow, an oversized shift, a misaligned access).
 
 conftest.py loads it in place of gaze_ext._C when GAZE_CPU_SANITIZE=1; the process must
-have the AddressSanitizer runtime preloaded (cuda_sim.sanitizer_library()).
+have the AddressSanitizer runtime preloaded (sanitizer.sanitized_env()).
 """
 import pathlib
 import sys
@@ -18,7 +18,7 @@ BUILD = ROOT / "build" / "cpu_asan"
 def load_in_place_of_extension(verbose=False):
     """Compiles (or reuses) the sanitized CPU kernels and registers them as gaze_ext._C, so
     that `import gaze_ext` uses them; it must run before anything imports gaze_ext."""
-    assert "gaze_ext._C" not in sys.modules, "gaze_ext._C already loaded: the sanitized build comes first"
+    assert "gaze_ext._C" not in sys.modules, "the sanitized build must be loaded first"
     from torch.utils.cpp_extension import load
     sources = [CSRC / "registration.cpp", CSRC / "python_module.cpp"]
     sources += sorted((CSRC / "common").glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))

@@ -79,7 +79,7 @@ def write_if_changed(path, text):
 
 def build(verbose=False, sanitize=False):
     """Compiles (or reuses) gaze_sim and loads its ops into this process. sanitize: with
-    AddressSanitizer (the process must have sanitizer.sanitizer_library() preloaded), so every read
+    AddressSanitizer (the process needs sanitizer.sanitized_env()'s preloads), so every read
     and write of the kernels is bounds-checked: a memcheck without a GPU; and with
     UndefinedBehaviorSanitizer, which aborts on a misaligned access (a vector load or store
     whose address a GPU would fault on), a signed overflow or an oversized shift."""

@@ -1,11 +1,15 @@
-"""GCC's AddressSanitizer for the tests that rerun others on a sanitized build (gaze_sim's
-CUDA sources, the CPU kernels): the runtime to preload and the environment of such a run."""
+"""GCC's sanitizers for the tests that rerun others on a sanitized build (gaze_sim's CUDA
+sources, the CPU kernels): the AddressSanitizer runtime to preload and the environment of
+such a run."""
 import os
 import subprocess
 
 
 def _gcc_file(name):
-    found = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True)
+    try:
+        found = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True)
+    except FileNotFoundError:  # no g++
+        return None
     path = found.stdout.strip()
     return path if found.returncode == 0 and os.path.isabs(path) else None
 

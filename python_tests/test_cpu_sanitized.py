@@ -1,7 +1,8 @@
 """The CPU kernels' tests again, on an AddressSanitizer and UndefinedBehaviorSanitizer build
 of the kernels (cpu_sanitized.py): a read or write outside a tensor or a stack buffer, or
-undefined behaviour, fails the run, even where the values it produced were right. The widest vector level runs every op test; the
-lower ones (forced as in test_cpu_isa.py) the kernel tests, for their own loop tails."""
+undefined behaviour, fails the run, even where the values it produced were right. The
+widest vector level runs every op test; the lower ones (forced as in test_cpu_isa.py) the
+kernel tests, for their own loop tails."""
 import os
 import platform
 import subprocess
@@ -35,11 +36,10 @@ def assert_clean(run):
 @pytest.mark.skipif(os.environ.get("GAZE_CPU_SANITIZE") == "1" or sanitizer_library() is None,
                     reason="inside the sanitized run, or no AddressSanitizer runtime")
 @pytest.mark.parametrize("isa", ["widest", "avx2", "baseline"])
-def test_cpu_kernels_under_address_sanitizer(isa):
+def test_cpu_kernels_under_sanitizers(isa):
     if isa == "widest":
         assert_clean(run_sanitized(OP_TESTS))
-        return
-    if platform.machine() != "x86_64":
+    elif platform.machine() != "x86_64":
         pytest.skip("one vector width off x86-64")
-    run = run_sanitized(KERNEL_TESTS, GAZE_CPU_ISA=isa)
-    assert_clean(run)
+    else:
+        assert_clean(run_sanitized(KERNEL_TESTS, GAZE_CPU_ISA=isa))
