@@ -36,7 +36,7 @@ def decode_steps(repeats: int, device: str = "cuda") -> None:
                                layout.fixed_tokens, idx)
 
 
-def prefill_steps(repeats: int, device: str = "cuda") -> None:
+def prefill_steps(repeats: int, device: str = "cuda"):
     s = prefill.GPU_SHAPE
     visual = s.frames * s.frame_h * s.frame_w
     N = visual + s.text
@@ -57,6 +57,7 @@ def prefill_steps(repeats: int, device: str = "cuda") -> None:
         out, _ = ops.gaze_attention(q, k, v, layout.region_ptr, layout.region_tokens,
                                     layout.fixed_tokens, idx, q_pos)
         out.backward(grad)
+    return q, k, v
 
 
 def main(argv=None) -> None:
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     (decode_steps if args.step == "decode" else prefill_steps)(args.repeats, args.device)
-    if args.device == "cuda":
+    if torch.device(args.device).type == "cuda":
         torch.cuda.synchronize()
 
 

@@ -15,7 +15,7 @@ CSRC = ROOT / "csrc"
 BUILD = ROOT / "build" / "cpu_asan"
 
 
-def load_in_place_of_extension(verbose=False):
+def load_in_place_of_extension():
     """Compiles (or reuses) the sanitized CPU kernels and registers them as gaze_ext._C, so
     that `import gaze_ext` uses them; it must run before anything imports gaze_ext."""
     assert "gaze_ext._C" not in sys.modules, "the sanitized build must be loaded first"
@@ -30,6 +30,6 @@ def load_in_place_of_extension(verbose=False):
     module = load(name="_C", sources=[str(s) for s in sources],
                   extra_cflags=["-O1", "-fopenmp"] + sanitizer,
                   extra_ldflags=["-fopenmp"] + sanitizer,
-                  build_directory=str(BUILD), is_python_module=True, verbose=verbose)
+                  build_directory=str(BUILD), is_python_module=True)
     sys.modules["gaze_ext._C"] = module
     return module

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from typing import List, Optional
 
 import pytest
@@ -11,6 +14,23 @@ import gaze_ext
 from gaze_ext.layout import GazeLayout, stack_layouts
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# The test files of the CPU kernels themselves, which test_cpu_isa.py and
+# test_cpu_sanitized.py run again in other processes.
+KERNEL_TESTS = ["test_region_pool.py", "test_region_topk.py", "test_gaze_attention.py",
+                "test_fuzz.py"]
+
+
+def simd_level_used(isa: Optional[str] = None) -> str:
+    """The vector level the CPU kernels of a new process use, with GAZE_CPU_ISA=isa (None:
+    unset, the widest this CPU has); a level the CPU lacks falls back to a lower one."""
+    env = {k: v for k, v in os.environ.items() if k != "GAZE_CPU_ISA"}
+    if isa is not None:
+        env["GAZE_CPU_ISA"] = isa
+    probe = subprocess.run(
+        [sys.executable, "-c", "import gaze_ext; print(gaze_ext.build_info()['cpu_simd'])"],
+        env=env, capture_output=True, text=True, check=True)
+    return probe.stdout.strip()
 
 
 @contextlib.contextmanager

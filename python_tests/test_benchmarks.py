@@ -147,6 +147,8 @@ def test_profile_case_runs_each_step(monkeypatch):
     calls.clear()
     profile_case.main(["prefill", "--device", "cpu"])
     assert calls == ["region_topk", "gaze_attention"] * 2
+    leaves = profile_case.prefill_steps(1, "cpu")  # the backward ran too
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in leaves)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -9,9 +9,7 @@ import sys
 import pytest
 
 import gaze_ext
-
-KERNEL_TESTS = ["test_region_pool.py", "test_region_topk.py", "test_gaze_attention.py",
-                "test_fuzz.py"]
+from helpers import KERNEL_TESTS, simd_level_used
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="one vector width off x86-64")
@@ -19,10 +17,9 @@ KERNEL_TESTS = ["test_region_pool.py", "test_region_topk.py", "test_gaze_attenti
 def test_kernels_at_lower_simd_level(isa):
     here = os.path.dirname(__file__)
     env = dict(os.environ, GAZE_CPU_ISA=isa)
-    probe = subprocess.run([sys.executable, "-c", "import gaze_ext; print(gaze_ext.build_info()['cpu_simd'])"],
-                           env=env, capture_output=True, text=True, check=True)
-    if probe.stdout.strip() != isa:
-        pytest.skip(f"this CPU cannot run {isa} (uses {probe.stdout.strip()})")
+    used = simd_level_used(isa)
+    if used != isa:
+        pytest.skip(f"this CPU cannot run {isa} (uses {used})")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu or not cuda"]
         + [os.path.join(here, t) for t in KERNEL_TESTS],

@@ -10,7 +10,9 @@ namespace gaze {
 namespace {
 
 // Entries of one index list, and of the fixed and region token lists together: the kernels
-// walk a row's keys with int32 counters that run up to a step (at most 256 keys) past the end.
+// count a row's keys in int32, and their loops run up to a step (at most 256 keys) past the
+// end. (A region selected in several slots of a row counts each time; rows that repeat huge
+// regions are clamped by the CUDA key streams.)
 constexpr int64_t kMaxListEntries = std::numeric_limits<int32_t>::max() - 256;
 
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t batch,
@@ -90,7 +92,7 @@ LayoutTensors check_layout(const char* op, int64_t batch, const at::Device& devi
     const int64_t entries = fixed_tokens->size(-1) + region_tokens->size(-1);
     TORCH_CHECK(entries <= kMaxListEntries, "gaze.", op, ": fixed_tokens and region_tokens hold ",
                 entries, " entries per batch element together, more than the ", kMaxListEntries,
-                " that a query's int32 key list allows");
+                " that int32 key counts allow");
   }
   if (region_tokens) out.region_tokens = region_tokens->contiguous();
   if (fixed_tokens) out.fixed_tokens = fixed_tokens->contiguous();

@@ -875,7 +875,7 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
     auto position = [&](int j) { return key_pos[j]; };
     add_key_rows<D>(p.dv, kv_row0, warp * 16, dv, 1.f, position);
     add_key_rows<D>(p.dk, kv_row0, warp * 16, dk, scale, position);
-    __syncthreads();  // key_pos, row_stat and the K/V tiles are rewritten next
+    __syncthreads();  // key_pos, the row_* arrays and the K/V tiles are rewritten next
   }
 }
 
