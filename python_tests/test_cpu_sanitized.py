@@ -43,7 +43,7 @@ def test_cpu_kernels_under_sanitizers(isa):
         return
     if platform.machine() != "x86_64":
         pytest.skip("one vector width off x86-64")
-    used = simd_level_used(isa)
-    if used != isa or used == simd_level_used():
-        pytest.skip(f"{isa}: this CPU uses {used} for it, and {simd_level_used()} at its widest")
+    used, widest = simd_level_used(isa), simd_level_used()
+    if used != isa or used == widest:
+        pytest.skip(f"{isa}: this CPU uses {used} for it, and {widest} at its widest")
     run_sanitized(KERNEL_TESTS, isa)
