@@ -49,12 +49,15 @@ inline int64_t num_blocks(const std::vector<int32_t>& keys) {
 template <typename Visit>
 void for_each_block(const std::vector<int32_t>& keys, int64_t first, int64_t last,
                     Visit&& visit) {
-  const int n = static_cast<int>(keys.size());
+  // 64-bit offsets: a row whose selection names one huge region in many slots can list
+  // more than 2^31 keys; only a block's own counts (<= kKeyBlock) are int
+  const int64_t n = int64_t(keys.size());
   const int64_t end = std::min(last, num_blocks(keys));
   for (int64_t block = std::max<int64_t>(first, 0); block < end; ++block) {
-    const int j = static_cast<int>(block * kKeyBlock);
-    const int next = std::min(j + kKeyBlock, n);
-    visit(keys.data() + j, next - j, keys.data() + next, std::min(n - next, kKeyBlock));
+    const int64_t j = block * kKeyBlock;
+    const int64_t next = std::min<int64_t>(j + kKeyBlock, n);
+    visit(keys.data() + j, int(next - j), keys.data() + next,
+          int(std::min<int64_t>(n - next, kKeyBlock)));
   }
 }
 

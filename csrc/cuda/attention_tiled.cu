@@ -332,7 +332,7 @@ struct TileBlock {
                             ? run_counts[position * kTileKeys + step.run[j]] : 0;
       step_weights[x] = uint16_t(count);
       if (count > 0) {
-        step.seen[j] = 1;
+        atomicOr(&step.seen[j], 1);  // several threads may mark one key: no plain-store race
         seen = 1;
       }
     }

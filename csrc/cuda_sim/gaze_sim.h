@@ -272,6 +272,13 @@ T atomicAdd(T* address, T value) {  // threads never interleave inside a stateme
   return old;
 }
 
+template <typename T>
+T atomicOr(T* address, T value) {
+  const T old = *address;
+  *address = old | value;
+  return old;
+}
+
 template <typename A, typename B,
           std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>, int> = 0>
 std::common_type_t<A, B> min(A a, B b) {
