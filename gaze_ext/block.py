@@ -151,21 +151,36 @@ class GazeAttentionBlock(nn.Module):
             index = rows.clamp(max=L - 1)[:, None, :, None]
             return q.gather(2, index.expand(B, self.num_heads, rows.shape[1], self.head_dim))
 
+        def query_positions(rows):  # int32, -1 (sees nothing) for padding entries
+            return torch.where(rows < L, rows, -1).to(torch.int32)
+
         def scatter(out, rows, values):
             index = rows[:, None, :, None].expand(B, self.num_heads, rows.shape[1], self.head_dim)
             return out.scatter(2, index, values)
 
-        out = q.new_zeros(B, self.num_heads, L + 1, self.head_dim)
-        # visual and context queries: dense SDPA over their mask rows
-        if layout.dense_rows.shape[1] > 0:
-            dense = F.scaled_dot_product_attention(gather(layout.dense_rows), k, v,
-                                                   attn_mask=layout.dense_row_mask,
-                                                   scale=self.scale, enable_gqa=True)
-            out = scatter(out, layout.dense_rows, dense)
+        # visual queries: every token before them, so one causal SDPA over the prefix that
+        # holds them all (FlashAttention on GPUs, no mask); its other rows are replaced below
+        P = layout.visual_prefix
+        if P > 0:
+            dense = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P],
+                                                   is_causal=True, scale=self.scale,
+                                                   enable_gqa=True)
+            out = F.pad(dense, (0, 0, 0, L + 1 - P))
+        else:
+            out = q.new_zeros(B, self.num_heads, L + 1, self.head_dim)
+        # context queries: their own image or frame up to themselves, one region of frames
+        rows = layout.context_rows
+        if rows.shape[1] > 0:
+            frames = layout.frames
+            frame = layout.context_frame[:, None, :, None].expand(B, self.num_kv_heads, -1, 1)
+            context, _ = ops.gaze_attention(gather(rows), k, v, frames.region_ptr,
+                                            frames.region_tokens, frames.fixed_tokens,
+                                            frame.contiguous(), query_positions(rows), self.scale)
+            out = scatter(out, rows, context)
         # text queries: routed
         rows = layout.text_rows
         q_text = gather(rows)
-        q_pos = torch.where(rows < L, rows, -1).to(torch.int32)
+        q_pos = query_positions(rows)
         with torch.no_grad():
             desc = ops.region_pool(k, gaze.region_ptr, gaze.region_tokens)
             idx, _ = ops.region_topk(q_text, desc, gaze.region_ptr,

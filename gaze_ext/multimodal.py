@@ -28,14 +28,21 @@ PAD, TEXT, VISUAL, CONTEXT = 0, 1, 2, 3
 class MultimodalLayout:
     """Token kinds and groups of a (padded) batch, with the derived attention structure.
 
+    Every tensor here is O(L) in size: the block never builds an [L, L] mask (a 32K-token
+    video would need a gigabyte per mask). :attr:`dense_mask` builds the whole mask on
+    demand, for references and tests.
+
     kinds [B, L]: PAD / TEXT / VISUAL / CONTEXT. groups [B, L]: the image/frame a visual or
     context token belongs to (-1 for text and padding). lengths [B]: tokens per sample.
     gaze: the region layout (regions over visual tokens; fixed tokens = text + context).
-    text_rows [B, Lt]: positions of each sample's text tokens, padded with L;
-    dense_mask [B, 1, L, L]: what visual and context queries see (text rows: causal);
-    dense_rows [B, Ld]: positions of the other tokens (visual, context, padding), padded
-    with L; dense_row_mask [B, 1, Ld, L]: their rows of dense_mask (a padding entry sees
-    key 0 alone, so that no row of the attention is empty).
+    text_rows [B, Lt]: positions of each sample's text tokens, padded with L.
+    visual_prefix: one past the last visual token of any sample (0 without one): a visual
+    query sees every token before it, so one causal attention over the first
+    visual_prefix tokens gives every visual row.
+    frames: a region layout with one region per image or frame (its visual and context
+    tokens, in group order) and no fixed tokens; context_rows [B, Lc]: positions of the
+    context tokens, padded with L; context_frame [B, Lc] int32: each one's region in
+    frames (-1 for padding). A context query sees its region's tokens up to itself.
     """
 
     kinds: Tensor
@@ -44,19 +51,36 @@ class MultimodalLayout:
     gaze: GazeLayout
     visuals: List[List[Visual]]
     text_rows: Tensor
-    dense_mask: Tensor
-    dense_rows: Tensor
-    dense_row_mask: Tensor
+    visual_prefix: int
+    frames: GazeLayout
+    context_rows: Tensor
+    context_frame: Tensor
 
     @property
     def seq_len(self) -> int:
         return self.kinds.shape[1]
 
+    @property
+    def dense_mask(self) -> Tensor:
+        """[B, 1, L, L] bool: what each query sees without routing: visual and text queries
+        every token up to themselves, context queries their own image/frame up to
+        themselves, a padding row itself alone (so no row is empty). Built on each access."""
+        L = self.seq_len
+        pos = torch.arange(L, device=self.kinds.device)
+        causal = pos[None, :, None] >= pos[None, None, :]                      # [1, L, L]
+        valid_key = pos[None, None, :] < self.lengths[:, None, None]           # [B, 1, L]
+        kind = self.kinds[:, :, None]
+        same_group = (self.groups[:, :, None] == self.groups[:, None, :]) & (self.groups[:, None, :] >= 0)
+        sees = (kind == VISUAL) | (kind == TEXT) | ((kind == CONTEXT) & same_group)
+        mask = (causal & valid_key & sees) | ((kind == PAD) & (pos[None, :, None] == pos[None, None, :]))
+        return mask[:, None]
+
     def to(self, device) -> "MultimodalLayout":
         return MultimodalLayout(self.kinds.to(device), self.groups.to(device),
                                 self.lengths.to(device), self.gaze.to(device), self.visuals,
-                                self.text_rows.to(device), self.dense_mask.to(device),
-                                self.dense_rows.to(device), self.dense_row_mask.to(device))
+                                self.text_rows.to(device), self.visual_prefix,
+                                self.frames.to(device), self.context_rows.to(device),
+                                self.context_frame.to(device))
 
 
 def sample_plan(parts: Sequence[Tuple], num_context: int):
@@ -104,6 +128,19 @@ def rows_where(selected: Tensor, pad: int) -> Tensor:
     return rows
 
 
+def frame_regions(groups: Tensor, seq_len: int) -> GazeLayout:
+    """One sample's images and frames as regions: region g holds the positions of group g
+    (groups [L]: ascending runs 0, 1, ..., -1 elsewhere), no fixed tokens."""
+    positions = torch.nonzero(groups >= 0).flatten()
+    of_group = groups[positions]
+    counts = torch.bincount(of_group, minlength=int(of_group.max()) + 1 if positions.numel() else 0)
+    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    last = positions[ptr[1:] - 1] if counts.numel() else positions
+    i32 = lambda t: t.to(torch.int32)  # noqa: E731
+    return GazeLayout(i32(ptr), i32(positions), i32(last), torch.zeros(0, dtype=torch.int32),
+                      seq_len)
+
+
 @functools.lru_cache(maxsize=64)
 def _build_layout_cached(plans, num_context, region_shape, device) -> MultimodalLayout:
     samples = [sample_plan(p, num_context) for p in plans]
@@ -118,21 +155,14 @@ def _build_layout_cached(plans, num_context, region_shape, device) -> Multimodal
     gaze = gaze._replace(num_keys=L)
 
     text_rows = rows_where(kinds == TEXT, L)
-    dense_rows = rows_where(kinds != TEXT, L)
-
-    pos = torch.arange(L)
-    causal = pos[None, :, None] >= pos[None, None, :]                       # [1, L, L]
-    valid_key = pos[None, None, :] < lengths[:, None, None]                 # [B, 1, L]
-    query_kind = kinds[:, :, None]
-    same_group = (groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0)
-    context_row = (query_kind == CONTEXT) & same_group
-    other_row = (query_kind == VISUAL) | (query_kind == TEXT)
-    mask = causal & valid_key & (context_row | other_row)
-    mask = mask | (pos[None, :, None] == pos[None, None, :])               # padding rows see themselves
-    row_mask = mask.gather(1, dense_rows.clamp(max=max(L - 1, 0))[:, :, None].expand(B, -1, L))
-    row_mask = torch.where((dense_rows < L)[:, :, None], row_mask, pos[None, None, :] == 0)
+    visual_at = torch.nonzero(kinds == VISUAL)
+    visual_prefix = int(visual_at[:, 1].max()) + 1 if visual_at.numel() else 0
+    frames = stack_layouts([frame_regions(groups[b], L) for b in range(B)])
+    context_rows = rows_where(kinds == CONTEXT, L)
+    context_frame = torch.where(context_rows < L,
+                                groups.gather(1, context_rows.clamp(max=max(L - 1, 0))), -1)
     layout = MultimodalLayout(kinds, groups, lengths, gaze, [v for _, _, v in samples], text_rows,
-                              mask[:, None], dense_rows, row_mask[:, None])
+                              visual_prefix, frames, context_rows, context_frame.to(torch.int32))
     return layout.to(device) if device is not None else layout
 
 

@@ -83,32 +83,57 @@ def test_layout_marks_kinds_groups_and_masks():
     gaze_ext.validate_layout(gaze)
 
 
-def test_dense_rows_are_the_non_text_rows_of_the_dense_mask():
-    layout = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2), ("text", 1)],
-                                      [("visual", 1, 1, 2), ("text", 3)]], num_context=1,
+def test_visual_prefix_and_frames_give_each_row_its_dense_mask_row():
+    """What the block computes in O(L) instead of the [L, L] mask: visual rows by a causal
+    attention over the prefix, context rows by one region of frames each, up to themselves."""
+    layout = build_multimodal_layout([[("text", 2), ("visual", 2, 2, 2), ("text", 1),
+                                       ("visual", 1, 1, 3), ("text", 2)],
+                                      [("visual", 1, 2, 1), ("text", 3)]], num_context=2,
                                      region_shape=(1, 2, 2))
     L = layout.seq_len
+    gaze_ext.validate_layout(layout.frames)
+    assert layout.frames.fixed_tokens.shape[1] == 0
+    visual_positions = torch.nonzero(layout.kinds == VISUAL)[:, 1]
+    assert layout.visual_prefix == int(visual_positions.max()) + 1 < L  # trailing text left out
+    frames = layout.frames
     for b in range(2):
-        rows = layout.dense_rows[b]
+        mask = layout.dense_mask[b, 0]
+        for i in torch.nonzero(layout.kinds[b] == VISUAL).flatten().tolist():
+            assert mask[i].nonzero().flatten().tolist() == list(range(i + 1))
+        rows, frame = layout.context_rows[b], layout.context_frame[b]
         real = rows < L
-        assert rows[real].tolist() == torch.nonzero(layout.kinds[b] != TEXT).flatten().tolist()
-        mask = layout.dense_row_mask[b, 0]
-        assert torch.equal(mask[real], layout.dense_mask[b, 0, rows[real]])
-        assert all(m.nonzero().flatten().tolist() == [0] for m in mask[~real])
+        assert rows[real].tolist() == torch.nonzero(layout.kinds[b] == CONTEXT).flatten().tolist()
+        assert (frame[~real] == -1).all() and (frame[real] >= 0).all()
+        for i, r in zip(rows[real].tolist(), frame[real].tolist()):
+            ptr = frames.region_ptr[b]
+            region = frames.region_tokens[b, ptr[r]:ptr[r + 1]].tolist()
+            assert [t for t in region if t <= i] == mask[i].nonzero().flatten().tolist()
 
 
-def test_padding_entries_of_dense_rows_see_key_0_and_text_rows_are_causal():
-    # the text-only sample has fewer dense rows than the other: its row list is padded
-    layout = build_multimodal_layout([[("visual", 1, 2, 2), ("text", 1)], [("text", 6)]],
+def test_padding_rows_see_themselves_and_text_rows_are_causal():
+    # the text-only sample has no context row: its list is all padding
+    layout = build_multimodal_layout([[("visual", 1, 2, 2), ("text", 1)], [("text", 8)]],
                                      num_context=1, region_shape=(1, 2, 2))
     L = layout.seq_len
-    assert layout.dense_rows[1].tolist() == [L] * layout.dense_rows.shape[1]
-    mask = layout.dense_row_mask[1, 0]
-    assert mask.shape == (layout.dense_rows.shape[1], L)
-    assert all(m.nonzero().flatten().tolist() == [0] for m in mask)
-    for b in range(2):  # text rows of dense_mask: every position up to the query's
+    assert layout.context_rows[1].tolist() == [L] * layout.context_rows.shape[1]
+    assert layout.frames.num_regions == 1 and layout.frames.region_ptr[1].tolist() == [0, 0]
+    mask = layout.dense_mask
+    for b in range(2):  # text rows: every position up to the query's
         for i in torch.nonzero(layout.kinds[b] == TEXT).flatten().tolist():
-            assert layout.dense_mask[b, 0, i].nonzero().flatten().tolist() == list(range(i + 1))
+            assert mask[b, 0, i].nonzero().flatten().tolist() == list(range(i + 1))
+    padding = torch.nonzero(layout.kinds[0] == 0).flatten().tolist()
+    assert padding and all(mask[0, 0, i].nonzero().flatten().tolist() == [i] for i in padding)
+
+
+def test_long_video_layout_is_linear_in_the_sequence():
+    """A 32K-token video: no tensor of the layout grows with L^2 (the masks of the first
+    layouts took gigabytes), and the block's dense part needs none."""
+    layout = build_multimodal_layout([[("text", 64), ("visual", 32, 32, 32), ("text", 64)]])
+    L = layout.seq_len
+    tensors = [layout.kinds, layout.groups, layout.text_rows, layout.context_rows,
+               layout.context_frame, *layout.gaze[:4], *layout.frames[:4]]
+    assert max(t.numel() for t in tensors) <= 2 * L
+    assert layout.frames.num_regions == 32 and layout.visual_prefix == L - 64 - 4
 
 
 @pytest.mark.parametrize("sample", [[("visual", 2, 2)], [("text", 3)]], ids=["visual", "text"])
