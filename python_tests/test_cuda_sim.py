@@ -691,6 +691,30 @@ def test_tensor_core_kernels_with_many_slots_per_query_head(sim, monkeypatch):
                                      bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
+def test_block_context_rows_with_no_fixed_tokens(sim, monkeypatch):
+    """The attention block's call for context rows: one whole image/frame per row as its
+    region (up to 150 tokens), no fixed tokens (an empty list), padding rows that see
+    nothing; the split-K kernels against the CPU, the tensor-core ones against them."""
+    from gaze_ext.multimodal import build_multimodal_layout
+    gen = generator(17)
+    mm = build_multimodal_layout([[("text", 3), ("visual", 1, 12, 12), ("text", 2),
+                                   ("visual", 3, 4, 5)], [("visual", 2, 6, 6), ("text", 9)]],
+                                 num_context=2)
+    frames, rows = mm.frames, mm.context_rows
+    B, Lc, N, Hq, Hkv, D = rows.shape[0], rows.shape[1], mm.seq_len, 4, 2, 64
+    assert frames.fixed_tokens.shape[1] == 0
+    idx = mm.context_frame[:, None, :, None].expand(B, Hkv, Lc, 1).contiguous()
+    q_pos = torch.where(rows < N, rows, -1).to(torch.int32)
+    qkv = bf16_qkv(gen, B, Hq, Hkv, Lc, N, D)
+    args = (frames.region_ptr, frames.region_tokens, frames.fixed_tokens, idx, q_pos, 0.125)
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    out, _ = assert_forward_matches_cpu(sim.gaze_attention(*qkv, *args), torch.bfloat16, qkv, args)
+    assert STREAMED in launched(sim)
+    padding = rows[1] == N
+    assert padding.any() and (out[1, :, padding] == 0).all()  # padding rows see no key
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, frames, idx, q_pos, qkv)
+
+
 def test_tensor_core_kernels_with_large_regions(sim, monkeypatch):
     """Regions of up to 200 tokens, each selected by many rows: the key-major pass walks a
     region in several 64-key steps, each over several chunks of rows."""
