@@ -168,6 +168,43 @@ def test_block_matches_dense_reference_outputs_and_gradients(device, share_kv, t
         assert_matches(g, r)
 
 
+def random_samples(gen, visual_dim=8):
+    """1-3 samples of 0-4 parts each: text, images and videos of random sizes in any order
+    (samples with no text, no visual or nothing at all but one text token)."""
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    batch = []
+    for _ in range(r(1, 3)):
+        parts = []
+        for _ in range(r(0, 4)):
+            if r(0, 1):
+                parts.append(torch.randint(0, 16, (r(1, 5),), generator=gen))
+            else:
+                shape = (r(1, 3), r(1, 5), r(1, 5)) if r(0, 1) else (r(1, 5), r(1, 5))
+                parts.append(torch.randn(*shape, visual_dim, generator=gen, dtype=torch.float64))
+        batch.append(parts or [torch.tensor([1])])
+    return batch
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_on_random_multimodal_batches_matches_dense_reference(seed):
+    """Ragged batches of random plans: where the prefix of visual rows ends, context rows of
+    frames of every size, padding, in float64 on the CPU, outputs and gradients."""
+    gen = generator(500 + seed)
+    model = tiny_model(share_kv=bool(seed % 2), region_shape=(1 + seed % 2, 2, 3),
+                       dtype=torch.float64)
+    x, layout = model.embed_batch(random_samples(gen))
+    topk = [None, 1, 3][seed % 3]
+    out, ref = model(x, layout, topk), model(x, layout, topk, reference=True)
+    valid = torch.arange(x.shape[1])[None] < layout.lengths[:, None]
+    torch.testing.assert_close(out[valid], ref[valid])
+    params = list(model.parameters())
+    grads = torch.autograd.grad(out[valid].square().sum(), params, allow_unused=True,
+                                retain_graph=True)  # the embedding's graph is shared
+    ref_grads = torch.autograd.grad(ref[valid].square().sum(), params, allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_gradients_reach_projections_and_context_tokens():
     model = tiny_model()
     x, layout = model.embed_batch(samples(generator(2)))
