@@ -235,26 +235,37 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_cpu_backward_query_chunks_match_one_thread():
-    """With fewer (batch, KV head) pairs than threads, the CPU backward splits the query
-    rows into chunks that add into their own dK/dV copies: the same gradients as one thread."""
-    gen = generator(77)
-    B, Hq, Hkv, Lq, N, D = 1, 4, 2, 23, 120, 32
+@pytest.mark.parametrize("Hq, Hkv, Lq, sel, threads", [
+    (4, 2, 23, "kv", 7),   # 2 heads on 7 threads: 7 parts of the positions each
+    (4, 1, 1, "kv", 2),    # a single row of a single head: both threads on its keys
+    (6, 3, 5, "q", 2),     # 3 heads on 2 threads: split to fill the last round
+])
+def test_cpu_backward_key_parts_match_one_thread(Hq, Hkv, Lq, sel, threads):
+    """With fewer (batch, KV head) pairs than threads, the CPU backward deals each head's key
+    positions to parts (one writer per dk/dv row) and sums their dq shares: the same
+    gradients as one thread, through lse too."""
+    gen = generator(77 + Lq)
+    B, N, D = 1, 120, 32
     layout = random_batch_layout(gen, B, N, max_regions=10)
-    idx = random_selection(gen, (B, Hkv, Lq, 4), layout.num_regions)
+    Hs = Hkv if sel == "kv" else Hq
+    idx = random_selection(gen, (B, Hs, Lq, 4), layout.num_regions)
     q_pos = q_positions(gen, B, Lq, N)
     inputs = [torch.randn(s, generator=gen, dtype=torch.float64)
               for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(B, Hq, Lq, generator=gen, dtype=torch.float64)
 
     def grads(threads):
         with cpu_threads(threads):
             leaves = [t.clone().requires_grad_() for t in inputs]
-            out, _ = ops.gaze_attention(*leaves, *layout_args(layout, "cpu"), idx, q_pos)
-            out.backward(grad)
+            out, lse = ops.gaze_attention(*leaves, *layout_args(layout, "cpu"), idx, q_pos)
+            finite = torch.isfinite(lse)
+            torch.autograd.backward([out, torch.where(finite, lse, 0.0)],
+                                    [grad, torch.where(finite, grad_lse, 0.0)])
             return [t.grad for t in leaves]
 
-    for one, many in zip(grads(1), grads(7)):  # 7 threads, 2 heads: 7 chunks of rows
+    for one, many in zip(grads(1), grads(threads)):
+        assert one.abs().sum() > 0
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
 
 

@@ -2,7 +2,7 @@
 //
 // Forward: one task per (batch, KV head, query row), split into ranges of its key
 // blocks when there are too few tasks for the threads; backward: one per (batch,
-// KV head, chunk of query rows). A task holds the G query heads of the KV head's
+// KV head, part of the key positions). A task holds the G query heads of the KV head's
 // group, so each fixed key row (and, with a shared selection, each region key
 // row) is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock
 // positions; the forward keeps a base-2 online softmax per head, the backward
@@ -57,6 +57,18 @@ struct KeyLists {
       append_selected_keys(layout, b, slots_of(kv_head * group + g), K, limit, per_head[g]);
     }
   }
+
+  // Keeps the keys of one part of the positions: runs of kPartRun positions dealt to
+  // `parts` parts in turn, so each part holds keys from everywhere in the sequence.
+  void keep_part(int64_t part, int64_t parts) {
+    if (parts == 1) return;
+    auto other = [&](int32_t pos) { return (pos / kPartRun) % parts != part; };
+    std::erase_if(all_heads, other);
+    if (!shared) {
+      for (auto& keys : per_head) std::erase_if(keys, other);
+    }
+  }
+  static constexpr int32_t kPartRun = 16;
 
   int64_t blocks() const {
     int64_t n = num_blocks(all_heads);
@@ -267,22 +279,25 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   acc* dv_data = dv_acc.data_ptr<acc>();
   const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
 
-  // One task per (batch, KV head, chunk of query rows). Chunk 0 of a head writes its dk/dv
-  // rows, chunk c > 0 its own copy in `parts`, added in chunk order at the end (no races,
-  // the same sums for a given thread count). Chunks only where the heads leave threads idle
-  // (pieces_filling_rounds), and no more than the copies' memory budget allows.
-  const int64_t heads = int64_t(S.batch) * S.kv_heads, head_elems = N * D;
-  constexpr int64_t kPartsBudget = int64_t(256) << 20;  // bytes of dk/dv copies
-  const int64_t affordable = 1 + kPartsBudget / std::max<int64_t>(1, 2 * heads * head_elems * sizeof(acc));
-  const int64_t chunks =
-      pieces_filling_rounds(heads, at::get_num_threads(), std::min<int64_t>(Lq, affordable));
-  at::Tensor parts;  // [2, chunks - 1, heads, N, D]: dk then dv copies
-  if (chunks > 1) parts = at::zeros({2, chunks - 1, heads, N, D}, dk_acc.options());
-  acc* parts_data = chunks > 1 ? parts.data_ptr<acc>() : nullptr;
-  const int64_t parts_half = (chunks - 1) * heads * head_elems;
+  // One task per (batch, KV head, part of the key positions): where the heads leave
+  // threads idle (pieces_filling_rounds), a head's keys are dealt to parts (runs of
+  // KeyLists::kPartRun positions in turn), so each dk/dv row has one writer and no copies
+  // are needed. Each part adds its keys' share of dq into its own float copy, summed in
+  // part order at the end: the same gradients on every run for a given thread count.
+  const int64_t heads = int64_t(S.batch) * S.kv_heads;
+  const int64_t dq_elems = int64_t(S.batch) * S.q_heads * Lq * D;
+  constexpr int64_t kDqCopiesBudget = int64_t(256) << 20;  // bytes
+  const int64_t most_parts = std::min<int64_t>(
+      {(N + KeyLists::kPartRun - 1) / KeyLists::kPartRun,
+       1 + kDqCopiesBudget / std::max<int64_t>(1, dq_elems * int64_t(sizeof(acc)))});
+  const int64_t parts = pieces_filling_rounds(heads, at::get_num_threads(), most_parts);
+  at::Tensor dq_parts;  // [parts, B, Hq, Lq, D]
+  if (parts > 1) dq_parts = at::empty({parts, dq_elems}, dk_acc.options());
+  acc* dq_parts_data = parts > 1 ? dq_parts.data_ptr<acc>() : nullptr;
 
-  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q_raw(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
+  at::parallel_for(0, heads * parts, 1, [&](int64_t begin, int64_t end) {
+    // q_for_dk: q * scale, as d(logit)/dk carries the scale; q_scaled: the scores' scale
+    std::vector<acc> q_for_dk(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
     std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock);
     std::vector<acc> lse2(G), delta(G);
     RowGather<scalar_t> rows;
@@ -290,22 +305,21 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
     acc* dv_rows[kKeyBlock];
     KeyLists lists;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t head = task / chunks, chunk = task % chunks;
+      const int64_t head = task / parts, part = task % parts;
       const int64_t b = head / S.kv_heads;
       const int32_t hk = static_cast<int32_t>(head % S.kv_heads);
       rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
-      const int64_t copy = ((chunk - 1) * heads + head) * head_elems;
-      acc* dk_head = chunk == 0 ? dk_data + head * head_elems : parts_data + copy;
-      acc* dv_head = chunk == 0 ? dv_data + head * head_elems : parts_data + parts_half + copy;
-      const int32_t i_end = static_cast<int32_t>(Lq * (chunk + 1) / chunks);
-      for (int32_t i = static_cast<int32_t>(Lq * chunk / chunks); i < i_end; ++i) {
+      acc* dk_head = dk_data + head * N * D;
+      acc* dv_head = dv_data + head * N * D;
+      for (int32_t i = 0; i < Lq; ++i) {
         const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
         for (int32_t g = 0; g < G; ++g) {
           const int32_t h = hk * G + g;
           const int64_t lrow = (b * S.q_heads + h) * int64_t(Lq) + i;
-          load_row(q + qs.offset(b, h, i), D, q_raw.data() + g * D);
-          std::copy_n(q_raw.data() + g * D, D, q_scaled.data() + g * D);
+          load_row(q + qs.offset(b, h, i), D, q_scaled.data() + g * D);
+          std::copy_n(q_scaled.data() + g * D, D, q_for_dk.data() + g * D);
           scale(q_scaled.data() + g * D, D, q_scale);
+          scale(q_for_dk.data() + g * D, D, static_cast<acc>(a.scale));
           load_row(dout + dos.offset(b, h, i), D, grad.data() + g * D);
           load_row(out + os.offset(b, h, i), D, row.data());
           acc dot = 0;
@@ -339,24 +353,38 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
             for (int j = 0; j < n; ++j) dpg[j] = pg[j] * (dpg[j] - delta[g]);  // dS
           }
           accumulate_rows(dp, kKeyBlock, gc, rows.k_rows, n, D, dq_accum.data() + g0 * D);
-          scatter_rows(dp, kKeyBlock, gc, q_raw.data() + g0 * D, dk_rows, n, D);
+          scatter_rows(dp, kKeyBlock, gc, q_for_dk.data() + g0 * D, dk_rows, n, D);
           scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
         };
         lists.collect(a, layout, b, hk, i, limit);
+        lists.keep_part(part, parts);
         lists.visit_blocks(0, lists.blocks(), attend);
 
         for (int32_t g = 0; g < G; ++g) {
           const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
-          store_row(dq_accum.data() + g * D, D, static_cast<acc>(a.scale),
-                    dq_data + row_index * D);
+          if (parts == 1) {
+            store_row(dq_accum.data() + g * D, D, static_cast<acc>(a.scale),
+                      dq_data + row_index * D);
+          } else {
+            acc* share = dq_parts_data + part * dq_elems + row_index * D;
+            std::copy_n(dq_accum.data() + g * D, D, share);
+          }
         }
       }
     }
   });
-  for (int64_t c = 0; c + 1 < chunks; ++c) {
-    dk_acc.add_(parts[0][c].view(dk_acc.sizes()));
-    dv_acc.add_(parts[1][c].view(dv_acc.sizes()));
-  }
+  if (parts == 1) return;
+  at::parallel_for(0, dq_elems / std::max(D, 1), 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc> sum(D);
+    for (int64_t row_index = begin; row_index < end; ++row_index) {
+      std::fill(sum.begin(), sum.end(), acc(0));
+      for (int64_t part = 0; part < parts; ++part) {
+        const acc* src = dq_parts_data + part * dq_elems + row_index * D;
+        for (int32_t d = 0; d < D; ++d) sum[d] += src[d];
+      }
+      store_row(sum.data(), D, static_cast<acc>(a.scale), dq_data + row_index * D);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> gaze_attention_cpu(
@@ -390,7 +418,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaze_attention_backward_cpu(
   dispatch_cpu_float_types(q.scalar_type(), "gaze_attention_backward", [&](auto tag) {
     attention_backward<decltype(tag)>(args, dq, dk, dv);
   });
-  dk.mul_(scale);  // the kernel accumulates dS * q; d(logit)/dk carries the scale
   return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
