@@ -63,9 +63,12 @@ struct KeyLists {
   void keep_part(int64_t part, int64_t parts) {
     if (parts == 1) return;
     auto other = [&](int32_t pos) { return (pos / kPartRun) % parts != part; };
-    std::erase_if(all_heads, other);
+    auto keep = [&](std::vector<int32_t>& keys) {
+      keys.erase(std::remove_if(keys.begin(), keys.end(), other), keys.end());
+    };
+    keep(all_heads);
     if (!shared) {
-      for (auto& keys : per_head) std::erase_if(keys, other);
+      for (auto& keys : per_head) keep(keys);
     }
   }
   static constexpr int32_t kPartRun = 16;
