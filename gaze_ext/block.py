@@ -1,11 +1,14 @@
 """The Gaze Attention block of a multimodal LLM, its KV cache and a dense reference.
 
 :class:`GazeAttentionBlock` holds q/k/v/o projections with rotary embeddings and GQA.
-Over a whole sequence (training, prefill) visual and context queries attend densely
-with the masks of :class:`~gaze_ext.multimodal.MultimodalLayout` and every text query
-picks its own top-K regions (teacher forcing); during generation each new token is a
-routed text query over the :class:`GazeKVCache`, whose region descriptors are pooled
-once, after the prefill. ``topk=None`` is dense attention.
+Over a whole sequence (training, prefill) visual queries attend densely and causally
+(one causal SDPA over the prefix of the sequence that holds every visual token), context
+queries attend to their own image or frame (``gaze_attention`` with one region per image
+or frame), and every text query picks its own top-K regions (teacher forcing); no
+[L, L] mask is built. During generation each new token is a routed text query over the
+:class:`GazeKVCache`, whose region descriptors are pooled once, after the prefill.
+``topk=None`` is dense attention. Padding positions of a ragged batch get finite,
+unspecified outputs (the reference's differ): mask them out of a loss.
 """
 from __future__ import annotations
 
@@ -159,7 +162,9 @@ class GazeAttentionBlock(nn.Module):
             return out.scatter(2, index, values)
 
         # visual queries: every token before them, so one causal SDPA over the prefix that
-        # holds them all (FlashAttention on GPUs, no mask); its other rows are replaced below
+        # holds them all (FlashAttention on GPUs, no mask); its other rows are replaced below.
+        # Text rows before the last visual token are thus computed and dropped: the price of
+        # a mask-free kernel, small unless long text precedes the visual tokens.
         P = layout.visual_prefix
         if P > 0:
             dense = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P],

@@ -127,7 +127,7 @@ def test_padding_rows_see_themselves_and_text_rows_are_causal():
 
 def test_long_video_layout_is_linear_in_the_sequence():
     """A 32K-token video: no tensor of the layout grows with L^2 (the masks of the first
-    layouts took gigabytes), and the block's dense part needs none."""
+    layouts took gigabytes); the block reads nothing else of it."""
     layout = build_multimodal_layout([[("text", 64), ("visual", 32, 32, 32), ("text", 64)]])
     L = layout.seq_len
     tensors = [layout.kinds, layout.groups, layout.text_rows, layout.context_rows,
@@ -185,15 +185,25 @@ def random_samples(gen, visual_dim=8):
     return batch
 
 
-@pytest.mark.parametrize("seed", range(12))
+def random_case(seed):
+    """(model, x, layout, topk) of random_samples, with 0, 1 or 3 context tokens a frame."""
+    gen = generator(500 + seed)
+    torch.manual_seed(seed)
+    model = GazeLM(vocab_size=16, visual_dim=8, d_model=32, num_layers=2, num_heads=4,
+                   num_kv_heads=2, mlp_hidden=48, num_context=[3, 0, 1, 2][seed % 4],
+                   region_shape=(1 + seed % 2, 2, 3), share_kv=bool(seed % 2)).double()
+    x, layout = model.embed_batch(random_samples(gen))
+    return model, x, layout, [None, 1, 3][seed % 3]
+
+
+RANDOM_SEEDS = range(12)
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
 def test_block_on_random_multimodal_batches_matches_dense_reference(seed):
     """Ragged batches of random plans: where the prefix of visual rows ends, context rows of
     frames of every size, padding, in float64 on the CPU, outputs and gradients."""
-    gen = generator(500 + seed)
-    model = tiny_model(share_kv=bool(seed % 2), region_shape=(1 + seed % 2, 2, 3),
-                       dtype=torch.float64)
-    x, layout = model.embed_batch(random_samples(gen))
-    topk = [None, 1, 3][seed % 3]
+    model, x, layout, topk = random_case(seed)
     out, ref = model(x, layout, topk), model(x, layout, topk, reference=True)
     valid = torch.arange(x.shape[1])[None] < layout.lengths[:, None]
     torch.testing.assert_close(out[valid], ref[valid])
@@ -203,6 +213,34 @@ def test_block_on_random_multimodal_batches_matches_dense_reference(seed):
     ref_grads = torch.autograd.grad(ref[valid].square().sum(), params, allow_unused=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+def test_random_multimodal_batches_cover_the_cases_they_claim():
+    """The seeds above draw: several samples whose visual tokens end at different places,
+    padding inside the visual prefix, a sample without visual tokens, text before a visual,
+    frames with and without context tokens, and several frames per sample."""
+    seen = set()
+    for seed in RANDOM_SEEDS:
+        _, _, layout, _ = random_case(seed)
+        kinds, P = layout.kinds, layout.visual_prefix
+        has_visual = (kinds == VISUAL).any(1)
+        if kinds.shape[0] > 1:
+            seen.add("batch")
+            ends = [int(torch.nonzero(k == VISUAL).max()) + 1 for k in kinds if (k == VISUAL).any()]
+            if len(set(ends)) > 1:
+                seen.add("visual ends differ")
+        if ((kinds[:, :P] == 0).any()) if P else False:
+            seen.add("padding inside the prefix")
+        if not has_visual.all():
+            seen.add("sample without visual")
+        if ((kinds == TEXT).float().cumsum(1) * (kinds == VISUAL)).any():
+            seen.add("text before a visual")
+        seen.add("context" if (kinds == CONTEXT).any() else "no context")
+        if (layout.frames.region_ptr.shape[-1] - 1) > 1:
+            seen.add("several frames")
+    assert seen == {"batch", "visual ends differ", "padding inside the prefix",
+                    "sample without visual", "text before a visual", "context", "no context",
+                    "several frames"}, seen
 
 
 def test_gradients_reach_projections_and_context_tokens():

@@ -289,10 +289,10 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   // part order at the end: the same gradients on every run for a given thread count.
   const int64_t heads = int64_t(S.batch) * S.kv_heads;
   const int64_t dq_elems = int64_t(S.batch) * S.q_heads * Lq * D;
-  constexpr int64_t kDqCopiesBudget = int64_t(256) << 20;  // bytes
+  constexpr int64_t kDqCopiesBudget = int64_t(256) << 20;  // bytes, all parts' copies
   const int64_t most_parts = std::min<int64_t>(
       {(N + KeyLists::kPartRun - 1) / KeyLists::kPartRun,
-       1 + kDqCopiesBudget / std::max<int64_t>(1, dq_elems * int64_t(sizeof(acc)))});
+       kDqCopiesBudget / std::max<int64_t>(1, dq_elems * int64_t(sizeof(acc)))});
   const int64_t parts = pieces_filling_rounds(heads, at::get_num_threads(), most_parts);
   at::Tensor dq_parts;  // [parts, B, Hq, Lq, D]
   if (parts > 1) dq_parts = at::empty({parts, dq_elems}, dk_acc.options());
