@@ -69,11 +69,11 @@ class MultimodalLayout:
         pos = torch.arange(L, device=self.kinds.device)
         causal = pos[None, :, None] >= pos[None, None, :]                      # [1, L, L]
         valid_key = pos[None, None, :] < self.lengths[:, None, None]           # [B, 1, L]
-        kind = self.kinds[:, :, None]
-        same_group = (self.groups[:, :, None] == self.groups[:, None, :]) & (self.groups[:, None, :] >= 0)
+        kind, group = self.kinds[:, :, None], self.groups
+        same_group = (group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0)
         sees = (kind == VISUAL) | (kind == TEXT) | ((kind == CONTEXT) & same_group)
-        mask = (causal & valid_key & sees) | ((kind == PAD) & (pos[None, :, None] == pos[None, None, :]))
-        return mask[:, None]
+        itself = pos[None, :, None] == pos[None, None, :]
+        return ((causal & valid_key & sees) | ((kind == PAD) & itself))[:, None]
 
     def to(self, device) -> "MultimodalLayout":
         return MultimodalLayout(self.kinds.to(device), self.groups.to(device),
