@@ -154,9 +154,6 @@ class GazeAttentionBlock(nn.Module):
             index = rows.clamp(max=L - 1)[:, None, :, None]
             return q.gather(2, index.expand(B, self.num_heads, rows.shape[1], self.head_dim))
 
-        def query_positions(rows):  # int32, -1 (sees nothing) for padding entries
-            return torch.where(rows < L, rows, -1).to(torch.int32)
-
         def scatter(out, rows, values):
             index = rows[:, None, :, None].expand(B, self.num_heads, rows.shape[1], self.head_dim)
             return out.scatter(2, index, values)
@@ -177,15 +174,15 @@ class GazeAttentionBlock(nn.Module):
         rows = layout.context_rows
         if rows.shape[1] > 0:
             frames = layout.frames
-            frame = layout.context_frame[:, None, :, None].expand(B, self.num_kv_heads, -1, 1)
             context, _ = ops.gaze_attention(gather(rows), k, v, frames.region_ptr,
                                             frames.region_tokens, frames.fixed_tokens,
-                                            frame.contiguous(), query_positions(rows), self.scale)
+                                            layout.context_selection(self.num_kv_heads),
+                                            layout.row_positions(rows), self.scale)
             out = scatter(out, rows, context)
         # text queries: routed
         rows = layout.text_rows
         q_text = gather(rows)
-        q_pos = query_positions(rows)
+        q_pos = layout.row_positions(rows)
         with torch.no_grad():
             desc = ops.region_pool(k, gaze.region_ptr, gaze.region_tokens)
             idx, _ = ops.region_topk(q_text, desc, gaze.region_ptr,

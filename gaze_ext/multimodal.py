@@ -75,6 +75,17 @@ class MultimodalLayout:
         itself = pos[None, :, None] == pos[None, None, :]
         return ((causal & valid_key & sees) | ((kind == PAD) & itself))[:, None]
 
+    def row_positions(self, rows: Tensor) -> Tensor:
+        """[B, n] positions padded with L (text_rows, context_rows) -> int32 q_pos, -1 (sees
+        nothing) for padding."""
+        return torch.where(rows < self.seq_len, rows, -1).to(torch.int32)
+
+    def context_selection(self, heads: int) -> Tensor:
+        """idx [B, heads, Lc, 1] int32 for gaze_attention over frames: each context row's
+        own image/frame, -1 for padding."""
+        B, Lc = self.context_frame.shape
+        return self.context_frame[:, None, :, None].expand(B, heads, Lc, 1).contiguous()
+
     def to(self, device) -> "MultimodalLayout":
         return MultimodalLayout(self.kinds.to(device), self.groups.to(device),
                                 self.lengths.to(device), self.gaze.to(device), self.visuals,

@@ -703,8 +703,7 @@ def test_block_context_rows_with_no_fixed_tokens(sim, monkeypatch):
     frames, rows = mm.frames, mm.context_rows
     B, Lc, N, Hq, Hkv, D = rows.shape[0], rows.shape[1], mm.seq_len, 4, 2, 64
     assert frames.fixed_tokens.shape[1] == 0
-    idx = mm.context_frame[:, None, :, None].expand(B, Hkv, Lc, 1).contiguous()
-    q_pos = torch.where(rows < N, rows, -1).to(torch.int32)
+    idx, q_pos = mm.context_selection(Hkv), mm.row_positions(rows)  # as the block calls it
     qkv = bf16_qkv(gen, B, Hq, Hkv, Lc, N, D)
     args = (frames.region_ptr, frames.region_tokens, frames.fixed_tokens, idx, q_pos, 0.125)
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
