@@ -1,10 +1,11 @@
 // CPU gaze_attention forward and backward.
 //
 // Forward: one task per (batch, KV head, query row), split into ranges of its key
-// blocks when there are too few tasks for the threads; backward: one per (batch,
-// KV head, part of the key positions). A task holds the G query heads of the KV head's
-// group, so each fixed key row (and, with a shared selection, each region key
-// row) is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock
+// blocks when there are too few tasks for the threads; it walks each row's keys. Backward:
+// one task per (batch, KV head, part of the key positions), walking keys: each block of
+// keys once per chunk of rows, against every row that sees it. A task holds the G query
+// heads of the KV head's group, so each fixed key row (and, with a shared selection, each
+// region key row) is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock
 // positions; the forward keeps a base-2 online softmax per head, the backward
 // recomputes the probabilities from the saved log-sum-exp.
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -57,21 +59,6 @@ struct KeyLists {
       append_selected_keys(layout, b, slots_of(kv_head * group + g), K, limit, per_head[g]);
     }
   }
-
-  // Keeps the keys of one part of the positions: runs of kPartRun positions dealt to
-  // `parts` parts in turn, so each part holds keys from everywhere in the sequence.
-  void keep_part(int64_t part, int64_t parts) {
-    if (parts == 1) return;
-    auto other = [&](int32_t pos) { return (pos / kPartRun) % parts != part; };
-    auto keep = [&](std::vector<int32_t>& keys) {
-      keys.erase(std::remove_if(keys.begin(), keys.end(), other), keys.end());
-    };
-    keep(all_heads);
-    if (!shared) {
-      for (auto& keys : per_head) keep(keys);
-    }
-  }
-  static constexpr int32_t kPartRun = 16;
 
   int64_t blocks() const {
     int64_t n = num_blocks(all_heads);
@@ -258,6 +245,65 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   });
 }
 
+// The backward walks keys, not query rows. A task (batch, KV head, part of the key
+// positions) takes its query rows in chunks; for each chunk it inverts the selections (which
+// rows took each region) and visits each block of up to kKeyBlock keys once: the block's K/V
+// rows and its dK/dV sums stay in cache while every row that sees it runs against it, and
+// dK/dV reach memory once per block. Walking rows instead re-reads and re-writes a key's K,
+// V, dK and dV rows for each row that sees it.
+//
+// A block's positions are sorted, so the keys a row sees (positions <= its causal limit)
+// are a prefix of the block. A key listed twice (in two regions, twice in a region, a region
+// taken twice) is visited twice, as the forward counted it twice.
+
+// Keys are dealt to a task's parts by runs of kPartRun positions, in turn: each part holds
+// keys from everywhere in the sequence, and each dK/dV row has one writer.
+constexpr int32_t kPartRun = 16;
+
+// A row of the chunk and the heads of its group that see a key block: all G for fixed
+// tokens and shared selections, one for a query head's own selection.
+struct RowVisit {
+  int32_t row;  // in the chunk
+  int32_t g0, gc;
+};
+
+// Which rows of a chunk took each region: visits of region r at
+// visits[first[r], first[r + 1]), one per taken slot, rows ascending (a counting sort).
+struct RegionVisits {
+  std::vector<int64_t> first;  // [R + 1]
+  std::vector<RowVisit> visits;
+
+  // Rows [i0, i0 + rows) of batch element b, selection heads [sel0, sel0 + heads): one
+  // head's selection shared by a group of G query heads, or G heads' own.
+  void build(const AttentionArgs& a, const LayoutView& layout, int64_t b, int32_t i0,
+             int32_t rows, int32_t sel0, int32_t heads, int32_t G) {
+    const AttentionShape& S = a.shape;
+    const int32_t K = S.topk, R = layout.num_regions;
+    const int32_t* idx = a.idx.const_data_ptr<int32_t>();
+    auto for_each_taken = [&](auto&& take) {
+      for (int32_t r = 0; r < rows; ++r) {
+        for (int32_t h = 0; h < heads; ++h) {
+          const int64_t query = (b * S.sel_heads + sel0 + h) * S.q_len + i0 + r;
+          const int32_t* slots = idx + query * K;
+          for (int32_t s = 0; s < K; ++s) {
+            if (slot_taken(layout, slots, s)) take(slots[s], r, h);
+          }
+        }
+      }
+    };
+    first.assign(size_t(R) + 1, 0);
+    for_each_taken([&](int32_t region, int32_t, int32_t) { ++first[region + 1]; });
+    for (int32_t r = 0; r < R; ++r) first[r + 1] += first[r];
+    visits.resize(size_t(first[R]));
+    std::vector<int64_t>& next = first;  // filled front to back, then shifted back below
+    for_each_taken([&](int32_t region, int32_t row, int32_t h) {
+      visits[next[region]++] = heads == 1 ? RowVisit{row, 0, G} : RowVisit{row, h, 1};
+    });
+    for (int32_t r = R; r > 0; --r) first[r] = first[r - 1];
+    first[0] = 0;
+  }
+};
+
 template <typename scalar_t>
 void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::Tensor& dk_acc,
                         at::Tensor& dv_acc) {
@@ -281,32 +327,52 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   acc* dk_data = dk_acc.data_ptr<acc>();
   acc* dv_data = dv_acc.data_ptr<acc>();
   const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
+  // dK = sum dS (q scale) = sum dS q_scaled / log2(e): the scaled queries serve both
+  const acc dk_scale = acc(1) / log2e<acc>();
+  // per-head selection: a row's regions differ between the heads of a group
+  const bool shared = S.sel_heads != S.q_heads || G == 1;
 
-  // One task per (batch, KV head, part of the key positions): where the heads leave
-  // threads idle (pieces_filling_rounds), a head's keys are dealt to parts (runs of
-  // KeyLists::kPartRun positions in turn), so each dk/dv row has one writer and no copies
-  // are needed. Each part adds its keys' share of dq into its own float copy, summed in
-  // part order at the end: the same gradients on every run for a given thread count.
+  // Tasks: (batch, KV head, part of the key positions). Where the heads leave threads idle
+  // (pieces_filling_rounds), a head's keys are split among parts; each part adds its keys'
+  // share of dq into its own float copy, summed in part order at the end: the same
+  // gradients on every run for a given thread count.
   const int64_t heads = int64_t(S.batch) * S.kv_heads;
   const int64_t dq_elems = int64_t(S.batch) * S.q_heads * Lq * D;
   constexpr int64_t kDqCopiesBudget = int64_t(256) << 20;  // bytes, all parts' copies
   const int64_t most_parts = std::min<int64_t>(
-      {(N + KeyLists::kPartRun - 1) / KeyLists::kPartRun,
+      {(N + kPartRun - 1) / kPartRun,
        kDqCopiesBudget / std::max<int64_t>(1, dq_elems * int64_t(sizeof(acc)))});
   const int64_t parts = pieces_filling_rounds(heads, at::get_num_threads(), most_parts);
   at::Tensor dq_parts;  // [parts, B, Hq, Lq, D]
   if (parts > 1) dq_parts = at::empty({parts, dq_elems}, dk_acc.options());
   acc* dq_parts_data = parts > 1 ? dq_parts.data_ptr<acc>() : nullptr;
 
+  // Query rows per chunk: their scaled q, dO and dq ([rows, G, D] each) within ~2 MB, in
+  // cache beside the key block.
+  constexpr int64_t kChunkBytes = int64_t(2) << 20;
+  const int32_t chunk_rows = static_cast<int32_t>(std::clamp<int64_t>(
+      kChunkBytes / std::max<int64_t>(1, int64_t(3) * G * D * int64_t(sizeof(acc))), 1,
+      std::max(Lq, 1)));
+
   at::parallel_for(0, heads * parts, 1, [&](int64_t begin, int64_t end) {
-    // q_for_dk: q * scale, as d(logit)/dk carries the scale; q_scaled: the scores' scale
-    std::vector<acc> q_for_dk(G * D), q_scaled(G * D), grad(G * D), dq_accum(G * D), row(D);
-    std::vector<acc> probs(G * kKeyBlock), dprobs(G * kKeyBlock);
-    std::vector<acc> lse2(G), delta(G);
-    RowGather<scalar_t> rows;
+    // the chunk's rows: q * scale * log2(e), dO, dq (unscaled), [chunk_rows, G, D]
+    std::vector<acc> q_scaled(size_t(chunk_rows) * G * D), grad(q_scaled.size()),
+        dq_sum(q_scaled.size());
+    std::vector<acc> lse2(size_t(chunk_rows) * G), delta(lse2.size()), out_row(D);
+    std::vector<int32_t> limit(chunk_rows);
+    // the key block: positions (sorted), dK and dV sums [kKeyBlock, D], P and dS [G, kKeyBlock]
+    std::vector<int32_t> keys;
+    std::vector<acc> dk_sum(size_t(kKeyBlock) * D), dv_sum(dk_sum.size());
+    std::vector<acc> probs(size_t(G) * kKeyBlock), dscores(probs.size());
     acc* dk_rows[kKeyBlock];
     acc* dv_rows[kKeyBlock];
-    KeyLists lists;
+    for (int j = 0; j < kKeyBlock; ++j) {
+      dk_rows[j] = dk_sum.data() + int64_t(j) * D;
+      dv_rows[j] = dv_sum.data() + int64_t(j) * D;
+    }
+    RowGather<scalar_t> rows;
+    RegionVisits regions;
+
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / parts, part = task % parts;
       const int64_t b = head / S.kv_heads;
@@ -314,63 +380,120 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
       rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
       acc* dk_head = dk_data + head * N * D;
       acc* dv_head = dv_data + head * N * D;
-      for (int32_t i = 0; i < Lq; ++i) {
-        const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
-        for (int32_t g = 0; g < G; ++g) {
-          const int32_t h = hk * G + g;
-          const int64_t lrow = (b * S.q_heads + h) * int64_t(Lq) + i;
-          load_row(q + qs.offset(b, h, i), D, q_scaled.data() + g * D);
-          std::copy_n(q_scaled.data() + g * D, D, q_for_dk.data() + g * D);
-          scale(q_scaled.data() + g * D, D, q_scale);
-          scale(q_for_dk.data() + g * D, D, static_cast<acc>(a.scale));
-          load_row(dout + dos.offset(b, h, i), D, grad.data() + g * D);
-          load_row(out + os.offset(b, h, i), D, row.data());
-          acc dot = 0;
-          for (int32_t d = 0; d < D; ++d) dot += grad[g * D + d] * row[d];
-          delta[g] = dot - (dlse ? dlse[lrow] : acc(0));
-          lse2[g] = lse[lrow] * log2e<acc>();
-        }
-        std::fill(dq_accum.begin(), dq_accum.end(), acc(0));
+      // the keys of this part: valid positions whose run is dealt to it
+      auto in_part = [&](int32_t pos) {
+        return static_cast<uint32_t>(pos) < static_cast<uint32_t>(N) &&
+               (pos / kPartRun) % parts == part;
+      };
 
-        auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t*, int) {
-          rows.gather(pos, n);
-          for (int j = 0; j < n; ++j) {
-            dk_rows[j] = dk_head + int64_t(pos[j]) * D;
-            dv_rows[j] = dv_head + int64_t(pos[j]) * D;
+      for (int32_t i0 = 0; i0 < Lq; i0 += chunk_rows) {
+        const int32_t n_rows = std::min(chunk_rows, Lq - i0);
+        for (int32_t r = 0; r < n_rows; ++r) {
+          const int32_t i = i0 + r;
+          limit[r] = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
+          for (int32_t g = 0; g < G; ++g) {
+            const int32_t h = hk * G + g;
+            const int64_t lrow = (b * S.q_heads + h) * int64_t(Lq) + i;
+            acc* qr = q_scaled.data() + (int64_t(r) * G + g) * D;
+            acc* gr = grad.data() + (int64_t(r) * G + g) * D;
+            load_row(q + qs.offset(b, h, i), D, qr);
+            scale(qr, D, q_scale);
+            load_row(dout + dos.offset(b, h, i), D, gr);
+            load_row(out + os.offset(b, h, i), D, out_row.data());
+            acc dot = 0;
+            for (int32_t d = 0; d < D; ++d) dot += gr[d] * out_row[d];
+            delta[r * G + g] = dot - (dlse ? dlse[lrow] : acc(0));
+            lse2[r * G + g] = lse[lrow] * log2e<acc>();
           }
-          acc* p = probs.data() + g0 * kKeyBlock;
-          acc* dp = dprobs.data() + g0 * kKeyBlock;
-          dot_rows(q_scaled.data() + g0 * D, gc, rows.k_rows, n, D, p, kKeyBlock);
-          dot_rows(grad.data() + g0 * D, gc, rows.v_rows, n, D, dp, kKeyBlock);
-          for (int g = g0; g < g0 + gc; ++g) {
-            acc* pg = probs.data() + g * kKeyBlock;
-            acc* dpg = dprobs.data() + g * kKeyBlock;
+        }
+        std::fill(dq_sum.begin(), dq_sum.end(), acc(0));
+
+        // Row visit w against the block's first m keys (gathered in `rows`).
+        auto run_visit = [&](const RowVisit& w, int m) {
+          const int64_t at = (int64_t(w.row) * G + w.g0) * D;
+          dot_rows(q_scaled.data() + at, w.gc, rows.k_rows, m, D, probs.data(), kKeyBlock);
+          dot_rows(grad.data() + at, w.gc, rows.v_rows, m, D, dscores.data(), kKeyBlock);
+          for (int32_t g = 0; g < w.gc; ++g) {
+            acc* p = probs.data() + g * kKeyBlock;
+            acc* ds = dscores.data() + g * kKeyBlock;
+            const int64_t stat = int64_t(w.row) * G + w.g0 + g;
             // A row with lse = -inf saw no key in the forward: it gets no gradient (P = dS =
             // 0, also where delta is NaN).
-            if (lse2[g] == -std::numeric_limits<acc>::infinity()) {
-              std::fill(pg, pg + n, acc(0));
-              std::fill(dpg, dpg + n, acc(0));
+            if (lse2[stat] == -std::numeric_limits<acc>::infinity()) {
+              std::fill(p, p + m, acc(0));
+              std::fill(ds, ds + m, acc(0));
               continue;
             }
-            exp2_shifted(pg, n, lse2[g]);
-            for (int j = 0; j < n; ++j) dpg[j] = pg[j] * (dpg[j] - delta[g]);  // dS
+            exp2_shifted(p, m, lse2[stat]);
+            for (int j = 0; j < m; ++j) ds[j] = p[j] * (ds[j] - delta[stat]);
           }
-          accumulate_rows(dp, kKeyBlock, gc, rows.k_rows, n, D, dq_accum.data() + g0 * D);
-          scatter_rows(dp, kKeyBlock, gc, q_for_dk.data() + g0 * D, dk_rows, n, D);
-          scatter_rows(p, kKeyBlock, gc, grad.data() + g0 * D, dv_rows, n, D);
+          accumulate_rows(dscores.data(), kKeyBlock, w.gc, rows.k_rows, m, D, dq_sum.data() + at);
+          scatter_rows(dscores.data(), kKeyBlock, w.gc, q_scaled.data() + at, dk_rows, m, D);
+          scatter_rows(probs.data(), kKeyBlock, w.gc, grad.data() + at, dv_rows, m, D);
         };
-        lists.collect(a, layout, b, hk, i, limit);
-        lists.keep_part(part, parts);
-        lists.visit_blocks(0, lists.blocks(), attend);
+        // The sorted `keys`, a block at a time, against the rows `for_each_visit` gives.
+        auto run_blocks = [&](auto&& for_each_visit) {
+          std::sort(keys.begin(), keys.end());
+          for (size_t j0 = 0; j0 < keys.size(); j0 += kKeyBlock) {
+            const int n = static_cast<int>(std::min<size_t>(kKeyBlock, keys.size() - j0));
+            const int32_t* pos = keys.data() + j0;
+            rows.gather(pos, n);
+            std::fill_n(dk_sum.data(), int64_t(n) * D, acc(0));
+            std::fill_n(dv_sum.data(), int64_t(n) * D, acc(0));
+            for_each_visit([&](const RowVisit& w) {
+              const int m = static_cast<int>(std::upper_bound(pos, pos + n, limit[w.row]) - pos);
+              if (m > 0) run_visit(w, m);
+            });
+            for (int j = 0; j < n; ++j) {
+              acc* dk_row = dk_head + int64_t(pos[j]) * D;
+              acc* dv_row = dv_head + int64_t(pos[j]) * D;
+              for (int32_t d = 0; d < D; ++d) {
+                dk_row[d] += dk_rows[j][d] * dk_scale;
+                dv_row[d] += dv_rows[j][d];
+              }
+            }
+          }
+        };
 
-        for (int32_t g = 0; g < G; ++g) {
-          const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i;
-          if (parts == 1) {
-            store_row(dq_accum.data() + g * D, D, static_cast<acc>(a.scale),
-                      dq_data + row_index * D);
-          } else {
-            acc* share = dq_parts_data + part * dq_elems + row_index * D;
-            std::copy_n(dq_accum.data() + g * D, D, share);
+        // fixed tokens: every row of the chunk, all G heads
+        keys.clear();
+        const int32_t* fixed = layout.fixed(b);
+        for (int32_t j = 0; j < layout.num_fixed; ++j) {
+          if (in_part(fixed[j])) keys.push_back(fixed[j]);
+        }
+        run_blocks([&](auto&& visit) {
+          for (int32_t r = 0; r < n_rows; ++r) visit(RowVisit{r, 0, G});
+        });
+
+        // selected regions: the rows (and heads) that took each
+        if (shared) {  // selection head hk (Hs = Hkv, or Hs = Hq = Hkv)
+          regions.build(a, layout, b, i0, n_rows, hk, 1, G);
+        } else {
+          regions.build(a, layout, b, i0, n_rows, hk * G, G, G);
+        }
+        const int32_t* tokens = layout.tokens(b);
+        for (int32_t region = 0; region < layout.num_regions; ++region) {
+          const int64_t v0 = regions.first[region], v1 = regions.first[region + 1];
+          if (v0 == v1) continue;
+          keys.clear();
+          const RegionSpan span = layout.region(b, region);
+          for (int32_t t = span.begin; t < span.end; ++t) {
+            if (in_part(tokens[t])) keys.push_back(tokens[t]);
+          }
+          run_blocks([&](auto&& visit) {
+            for (int64_t x = v0; x < v1; ++x) visit(regions.visits[x]);
+          });
+        }
+
+        for (int32_t r = 0; r < n_rows; ++r) {
+          for (int32_t g = 0; g < G; ++g) {
+            const int64_t row_index = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i0 + r;
+            const acc* sum = dq_sum.data() + (int64_t(r) * G + g) * D;
+            if (parts == 1) {
+              store_row(sum, D, static_cast<acc>(a.scale), dq_data + row_index * D);
+            } else {
+              std::copy_n(sum, D, dq_parts_data + part * dq_elems + row_index * D);
+            }
           }
         }
       }
