@@ -269,11 +269,12 @@ def test_cpu_backward_key_parts_match_one_thread(Hq, Hkv, Lq, sel, threads):
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("sel, threads", [("kv", 1), ("q", 1), ("kv", 3)])
-def test_cpu_backward_in_row_chunks_matches_reference(sel, threads):
-    """The CPU backward takes a head's query rows in chunks whose q, dO and dq fit in ~2 MB
-    (85 rows at G = 4, D = 256 in float64): over three chunks, alone and with the key
-    positions dealt to parts, the reference's gradients, through lse too."""
+@pytest.mark.parametrize("sel, threads", [("kv", 1), ("q", 1), ("kv", 3), ("q", 2)])
+def test_cpu_key_walks_in_row_chunks_match_reference(sel, threads):
+    """With many query rows the CPU forward and backward walk keys, a head's rows in chunks:
+    here 200 rows at G = 4, D = 256 in float64, in 2-3 chunks by memory (q, dO and dq within
+    ~2 MB), or more to fill the threads, and with the backward's key positions dealt to
+    parts: the reference's output, lse and gradients (through lse too)."""
     gen = generator(505)
     B, Hq, Hkv, Lq, N, D = 1, 4, 1, 200, 300, 256
     layout = random_batch_layout(gen, B, N, max_regions=30, max_region_size=16)
@@ -285,19 +286,19 @@ def test_cpu_backward_in_row_chunks_matches_reference(sel, threads):
     grad_lse = torch.randn(B, Hq, Lq, generator=gen, dtype=torch.float64)
     args = (*layout_args(layout, "cpu"), idx, q_pos)
 
-    def grads(attention):
+    def run(attention):
         leaves = [t.clone().requires_grad_() for t in inputs]
         out, lse = attention(*leaves, *args)
         finite = torch.isfinite(lse)
         torch.autograd.backward([out, torch.where(finite, lse, 0.0)],
                                 [grad, torch.where(finite, grad_lse, 0.0)])
-        return [t.grad for t in leaves]
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
 
     with cpu_threads(threads):
-        got = grads(ops.gaze_attention)
-    for name, one, ref in zip("qkv", got, grads(reference.gaze_attention)):
-        assert ref.abs().sum() > 0, name
-        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+        got = run(ops.gaze_attention)
+    for name, one, ref in zip(["out", "lse", "dq", "dk", "dv"], got, run(reference.gaze_attention)):
+        assert ref[ref.isfinite()].abs().sum() > 0, name
+        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, sel, causal, threads", [

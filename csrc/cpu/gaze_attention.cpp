@@ -1,13 +1,14 @@
 // CPU gaze_attention forward and backward.
 //
-// Forward: one task per (batch, KV head, query row), split into ranges of its key
-// blocks when there are too few tasks for the threads; it walks each row's keys. Backward:
-// one task per (batch, KV head, part of the key positions), walking keys: each block of
-// keys once per chunk of rows, against every row that sees it. A task holds the G query
-// heads of the KV head's group, so each fixed key row (and, with a shared selection, each
-// region key row) is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock
-// positions; the forward keeps a base-2 online softmax per head, the backward
-// recomputes the probabilities from the saved log-sum-exp.
+// Many query rows (the backward always; the forward from kKeyWalkMinRows rows per head) walk
+// keys: a task takes a (batch, KV head)'s rows in chunks and visits each block of keys once
+// per chunk, against every row that sees it (KeyBlockWalk). A decode step's few rows walk
+// their own keys instead: one task per (batch, KV head, query row), its key blocks split into
+// ranges when there are too few tasks for the threads. A task holds the G query heads of the
+// KV head's group, so each fixed key row (and, with a shared selection, each region key row)
+// is loaded once for all G heads. Keys are gathered in blocks of kKeyBlock positions; the
+// forward keeps a base-2 online softmax per head, the backward recomputes the probabilities
+// from the saved log-sum-exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -103,6 +104,138 @@ struct RowGather {
   }
 };
 
+// A block of base-2 scores of gc rows ([gc, kKeyBlock], n keys) into their online softmax:
+// each row's max and sum updated and its accumulator [D] rescaled, the scores turned into
+// weights relative to the new max, for accumulate_rows.
+template <typename acc>
+void softmax_block(acc* scores, int gc, int n, int D, acc* row_max, acc* row_sum, acc* accum) {
+  for (int g = 0; g < gc; ++g) {
+    acc* sg = scores + g * kKeyBlock;
+    const acc new_max = std::max(row_max[g], max_value(sg, n));
+    const acc rescale = softmax_rescale(row_max[g], new_max);
+    if (rescale != acc(1)) {
+      scale(accum + g * D, D, rescale);
+      row_sum[g] *= rescale;
+    }
+    row_sum[g] += exp2_shifted(sg, n, softmax_safe_max(new_max));
+    row_max[g] = new_max;
+  }
+}
+
+// Key-major walks (the backward, and the forward of many rows): a chunk of query rows of one
+// (batch, KV head) inverts its selections (which rows took each region) and visits each
+// block of up to kKeyBlock keys once, running every row that sees it against it: the
+// block's K/V rows (and the backward's dK/dV sums) stay in cache, where a walk of each row's
+// own keys reads them again for every row.
+//
+// A block's positions are sorted, so the keys a row sees (positions <= its causal limit)
+// are a prefix of the block. A key listed twice (in two regions, twice in a region, a region
+// taken twice) is visited twice, as a row's own list holds it twice.
+
+// Keys are dealt to the backward's parts by runs of kPartRun positions, in turn: each part
+// holds keys from everywhere in the sequence, and each dK/dV row has one writer.
+constexpr int32_t kPartRun = 16;
+
+// A chunk's buffers of its rows, in cache beside the key block the rows run against.
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+
+// A row of the chunk and the heads of its group that see a key block: all G for fixed
+// tokens and shared selections, one for a query head's own selection.
+struct RowVisit {
+  int32_t row;  // in the chunk
+  int32_t g0, gc;
+};
+
+struct KeyBlockWalk {
+  // visits of region r at visits[first[r], first[r + 1]), one per taken slot, rows ascending
+  std::vector<int64_t> first;  // [R + 1]
+  std::vector<RowVisit> visits;
+  std::vector<int32_t> keys;   // the current region's or the fixed tokens' positions
+
+  // For rows [i0, i0 + rows) of batch element b and KV head hk (limits[r]: row r's causal
+  // limit), each block of the keys with keep(pos): block(pos, n, for_each_visit), where
+  // for_each_visit(visit) calls visit(w, m) for each row visit w that sees the first m > 0
+  // keys. The fixed tokens first (every row, all G heads), then each region some row took.
+  template <typename Keep, typename Block>
+  void run(const AttentionArgs& a, const LayoutView& layout, int64_t b, int32_t hk, int32_t i0,
+           int32_t rows, const int32_t* limits, Keep keep, Block&& block) {
+    const AttentionShape& S = a.shape;
+    const int32_t G = S.group();
+    auto run_keys = [&](auto&& for_each_row) {
+      std::sort(keys.begin(), keys.end());
+      for (size_t j0 = 0; j0 < keys.size(); j0 += kKeyBlock) {
+        const int n = static_cast<int>(std::min<size_t>(kKeyBlock, keys.size() - j0));
+        const int32_t* pos = keys.data() + j0;
+        block(pos, n, [&](auto&& visit) {
+          for_each_row([&](const RowVisit& w) {
+            const int m = static_cast<int>(std::upper_bound(pos, pos + n, limits[w.row]) - pos);
+            if (m > 0) visit(w, m);
+          });
+        });
+      }
+    };
+    keys.clear();
+    const int32_t* fixed = layout.fixed(b);
+    for (int32_t j = 0; j < layout.num_fixed; ++j) {
+      if (keep(fixed[j])) keys.push_back(fixed[j]);
+    }
+    run_keys([&](auto&& visit) {
+      for (int32_t r = 0; r < rows; ++r) visit(RowVisit{r, 0, G});
+    });
+
+    // per-head selection: a row's regions differ between the heads of a group
+    const bool shared = S.sel_heads != S.q_heads || G == 1;
+    if (shared) {  // selection head hk (Hs = Hkv, or Hs = Hq = Hkv)
+      invert_selections(a, layout, b, i0, rows, hk, 1);
+    } else {
+      invert_selections(a, layout, b, i0, rows, hk * G, G);
+    }
+    const int32_t* tokens = layout.tokens(b);
+    for (int32_t region = 0; region < layout.num_regions; ++region) {
+      const int64_t v0 = first[region], v1 = first[region + 1];
+      if (v0 == v1) continue;
+      keys.clear();
+      const RegionSpan span = layout.region(b, region);
+      for (int32_t t = span.begin; t < span.end; ++t) {
+        if (keep(tokens[t])) keys.push_back(tokens[t]);
+      }
+      run_keys([&](auto&& visit) {
+        for (int64_t x = v0; x < v1; ++x) visit(visits[x]);
+      });
+    }
+  }
+
+  // first and visits for selection heads [sel0, sel0 + heads): one head's selection shared by
+  // the group's G query heads, or G heads' own (a counting sort by region).
+  void invert_selections(const AttentionArgs& a, const LayoutView& layout, int64_t b, int32_t i0,
+                         int32_t rows, int32_t sel0, int32_t heads) {
+    const AttentionShape& S = a.shape;
+    const int32_t K = S.topk, R = layout.num_regions;
+    const int32_t* idx = a.idx.const_data_ptr<int32_t>();
+    auto for_each_taken = [&](auto&& take) {
+      for (int32_t r = 0; r < rows; ++r) {
+        for (int32_t h = 0; h < heads; ++h) {
+          const int64_t query = (b * S.sel_heads + sel0 + h) * S.q_len + i0 + r;
+          const int32_t* slots = idx + query * K;
+          for (int32_t s = 0; s < K; ++s) {
+            if (slot_taken(layout, slots, s)) take(slots[s], r, h);
+          }
+        }
+      }
+    };
+    first.assign(size_t(R) + 1, 0);
+    for_each_taken([&](int32_t region, int32_t, int32_t) { ++first[region + 1]; });
+    for (int32_t r = 0; r < R; ++r) first[r + 1] += first[r];
+    visits.resize(size_t(first[R]));
+    std::vector<int64_t>& next = first;  // filled front to back, then shifted back below
+    for_each_taken([&](int32_t region, int32_t row, int32_t h) {
+      visits[next[region]++] = heads == 1 ? RowVisit{row, 0, S.group()} : RowVisit{row, h, 1};
+    });
+    for (int32_t r = R; r > 0; --r) first[r] = first[r - 1];
+    first[0] = 0;
+  }
+};
+
 // A decode step has few (batch, KV head, query row) tasks. With fewer than the threads, or
 // a count that leaves threads idle in the last round, each task's key blocks are split and
 // the splits' online-softmax states merged by log-sum-exp, as the CUDA split-K forward does.
@@ -118,6 +251,93 @@ int64_t plan_forward_splits(const AttentionArgs& a, int64_t tasks) {
   const int64_t keys = a.layout.fixed_tokens.size(-1) +
                        int64_t(S.topk) * (per_head ? S.group() : 1) * region_keys;
   return pieces_filling_rounds(tasks, at::get_num_threads(), keys / kMinSplitKeys);
+}
+
+// Query rows per (batch, KV head) from which the forward walks keys; fewer walk each row's
+// own keys, with the splits a decode step needs. Chunks cut to fill the threads keep at
+// least kMinChunkRows rows.
+constexpr int32_t kKeyWalkMinRows = 8;
+constexpr int32_t kMinChunkRows = 4;
+
+// The forward of many rows: one task per (batch, KV head, chunk of rows), each key block
+// once per chunk (KeyBlockWalk), each row's online softmax kept in the chunk's state.
+template <typename scalar_t>
+void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
+  using acc = acc_t<scalar_t>;
+  const AttentionShape& S = a.shape;
+  const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
+  const LayoutView layout = a.layout.view(a.num_keys);
+  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
+  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
+  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
+  const Strides4 qs = strides_of(a.q), ks = strides_of(a.k), vs = strides_of(a.v);
+  const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  acc* lse_data = lse.data_ptr<acc>();
+  const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
+  const int64_t N = a.num_keys;
+
+  // Chunks: enough to keep the threads busy (pieces_filling_rounds), each chunk's queries
+  // and accumulators ([rows, G, D] each) within kChunkBytes.
+  const int64_t heads = int64_t(S.batch) * S.kv_heads;
+  const int64_t row_bytes = std::max<int64_t>(1, int64_t(2) * G * D * int64_t(sizeof(acc)));
+  const int64_t chunks = std::max(
+      pieces_filling_rounds(heads, at::get_num_threads(), Lq / kMinChunkRows),
+      (Lq * row_bytes + kChunkBytes - 1) / kChunkBytes);
+  const int32_t chunk_rows = static_cast<int32_t>((Lq + chunks - 1) / chunks);
+
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> queries(size_t(chunk_rows) * G * D), accum(queries.size());
+    std::vector<acc> row_max(size_t(chunk_rows) * G), row_sum(row_max.size());
+    std::vector<acc> scores(size_t(G) * kKeyBlock);
+    std::vector<int32_t> limit(chunk_rows);
+    RowGather<scalar_t> rows;
+    KeyBlockWalk walk;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task / chunks;
+      const int64_t b = head / S.kv_heads;
+      const int32_t hk = static_cast<int32_t>(head % S.kv_heads);
+      const int32_t i0 = static_cast<int32_t>(task % chunks) * chunk_rows;
+      const int32_t n_rows = std::min(chunk_rows, Lq - i0);
+      if (n_rows <= 0) continue;
+      for (int32_t r = 0; r < n_rows; ++r) {
+        limit[r] = q_pos ? q_pos[b * Lq + i0 + r] : kNoCausalLimit;
+        for (int32_t g = 0; g < G; ++g) {
+          acc* dst = queries.data() + (int64_t(r) * G + g) * D;
+          load_row(q + qs.offset(b, hk * G + g, i0 + r), D, dst);
+          scale(dst, D, q_scale);
+        }
+      }
+      std::fill(accum.begin(), accum.end(), acc(0));
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), acc(0));
+
+      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
+      auto valid = [&](int32_t pos) { return static_cast<uint32_t>(pos) < uint64_t(N); };
+      walk.run(a, layout, b, hk, i0, n_rows, limit.data(), valid,
+               [&](const int32_t* pos, int n, auto&& for_each_visit) {
+        rows.gather(pos, n);
+        for_each_visit([&](const RowVisit& w, int m) {
+          const int64_t stat = int64_t(w.row) * G + w.g0;
+          dot_rows(queries.data() + stat * D, w.gc, rows.k_rows, m, D, scores.data(), kKeyBlock);
+          softmax_block(scores.data(), w.gc, m, D, row_max.data() + stat, row_sum.data() + stat,
+                        accum.data() + stat * D);
+          accumulate_rows(scores.data(), kKeyBlock, w.gc, rows.v_rows, m, D,
+                          accum.data() + stat * D);
+        });
+      });
+
+      for (int32_t r = 0; r < n_rows; ++r) {
+        for (int32_t g = 0; g < G; ++g) {
+          const int64_t stat = int64_t(r) * G + g;
+          const int64_t row = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i0 + r;
+          store_row(accum.data() + stat * D, D, softmax_normalizer(row_sum[stat]),
+                    out_data + row * D);
+          lse_data[row] = softmax_lse(row_max[stat], row_sum[stat]);
+        }
+      }
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -137,6 +357,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   const int64_t splits = plan_forward_splits(a, tasks);
+  if (splits == 1 && Lq >= kKeyWalkMinRows) return attention_forward_by_keys<scalar_t>(a, out, lse);
   // With splits: each split's state per head, [tasks, splits, G, D + 2] (accumulator, max, sum)
   const int64_t state_size = int64_t(G) * (D + 2);
   at::Tensor states;
@@ -184,18 +405,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
         }
         acc* s = scores.data() + g0 * kKeyBlock;
         dot_rows(queries.data() + g0 * D, gc, rows.k_rows, n, D, s, kKeyBlock);
-        for (int g = g0; g < g0 + gc; ++g) {
-          acc* sg = scores.data() + g * kKeyBlock;
-          const acc block_max = max_value(sg, n);
-          const acc new_max = std::max(row_max[g], block_max);
-          const acc rescale = softmax_rescale(row_max[g], new_max);
-          if (rescale != acc(1)) {
-            scale(accum.data() + g * D, D, rescale);
-            row_sum[g] *= rescale;
-          }
-          row_sum[g] += exp2_shifted(sg, n, softmax_safe_max(new_max));
-          row_max[g] = new_max;
-        }
+        softmax_block(s, gc, n, D, row_max.data() + g0, row_sum.data() + g0, accum.data() + g0 * D);
         accumulate_rows(s, kKeyBlock, gc, rows.v_rows, n, D, accum.data() + g0 * D);
       };
       lists.collect(a, layout, b, hk, i, limit);
@@ -245,65 +455,6 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   });
 }
 
-// The backward walks keys, not query rows. A task (batch, KV head, part of the key
-// positions) takes its query rows in chunks; for each chunk it inverts the selections (which
-// rows took each region) and visits each block of up to kKeyBlock keys once: the block's K/V
-// rows and its dK/dV sums stay in cache while every row that sees it runs against it, and
-// dK/dV reach memory once per block. Walking rows instead re-reads and re-writes a key's K,
-// V, dK and dV rows for each row that sees it.
-//
-// A block's positions are sorted, so the keys a row sees (positions <= its causal limit)
-// are a prefix of the block. A key listed twice (in two regions, twice in a region, a region
-// taken twice) is visited twice, as the forward counted it twice.
-
-// Keys are dealt to a task's parts by runs of kPartRun positions, in turn: each part holds
-// keys from everywhere in the sequence, and each dK/dV row has one writer.
-constexpr int32_t kPartRun = 16;
-
-// A row of the chunk and the heads of its group that see a key block: all G for fixed
-// tokens and shared selections, one for a query head's own selection.
-struct RowVisit {
-  int32_t row;  // in the chunk
-  int32_t g0, gc;
-};
-
-// Which rows of a chunk took each region: visits of region r at
-// visits[first[r], first[r + 1]), one per taken slot, rows ascending (a counting sort).
-struct RegionVisits {
-  std::vector<int64_t> first;  // [R + 1]
-  std::vector<RowVisit> visits;
-
-  // Rows [i0, i0 + rows) of batch element b, selection heads [sel0, sel0 + heads): one
-  // head's selection shared by a group of G query heads, or G heads' own.
-  void build(const AttentionArgs& a, const LayoutView& layout, int64_t b, int32_t i0,
-             int32_t rows, int32_t sel0, int32_t heads, int32_t G) {
-    const AttentionShape& S = a.shape;
-    const int32_t K = S.topk, R = layout.num_regions;
-    const int32_t* idx = a.idx.const_data_ptr<int32_t>();
-    auto for_each_taken = [&](auto&& take) {
-      for (int32_t r = 0; r < rows; ++r) {
-        for (int32_t h = 0; h < heads; ++h) {
-          const int64_t query = (b * S.sel_heads + sel0 + h) * S.q_len + i0 + r;
-          const int32_t* slots = idx + query * K;
-          for (int32_t s = 0; s < K; ++s) {
-            if (slot_taken(layout, slots, s)) take(slots[s], r, h);
-          }
-        }
-      }
-    };
-    first.assign(size_t(R) + 1, 0);
-    for_each_taken([&](int32_t region, int32_t, int32_t) { ++first[region + 1]; });
-    for (int32_t r = 0; r < R; ++r) first[r + 1] += first[r];
-    visits.resize(size_t(first[R]));
-    std::vector<int64_t>& next = first;  // filled front to back, then shifted back below
-    for_each_taken([&](int32_t region, int32_t row, int32_t h) {
-      visits[next[region]++] = heads == 1 ? RowVisit{row, 0, G} : RowVisit{row, h, 1};
-    });
-    for (int32_t r = R; r > 0; --r) first[r] = first[r - 1];
-    first[0] = 0;
-  }
-};
-
 template <typename scalar_t>
 void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::Tensor& dk_acc,
                         at::Tensor& dv_acc) {
@@ -329,8 +480,6 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
   // dK = sum dS (q scale) = sum dS q_scaled / log2(e): the scaled queries serve both
   const acc dk_scale = acc(1) / log2e<acc>();
-  // per-head selection: a row's regions differ between the heads of a group
-  const bool shared = S.sel_heads != S.q_heads || G == 1;
 
   // Tasks: (batch, KV head, part of the key positions). Where the heads leave threads idle
   // (pieces_filling_rounds), a head's keys are split among parts; each part adds its keys'
@@ -347,9 +496,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   if (parts > 1) dq_parts = at::empty({parts, dq_elems}, dk_acc.options());
   acc* dq_parts_data = parts > 1 ? dq_parts.data_ptr<acc>() : nullptr;
 
-  // Query rows per chunk: their scaled q, dO and dq ([rows, G, D] each) within ~2 MB, in
-  // cache beside the key block.
-  constexpr int64_t kChunkBytes = int64_t(2) << 20;
+  // Query rows per chunk: their scaled q, dO and dq ([rows, G, D] each) within kChunkBytes.
   const int32_t chunk_rows = static_cast<int32_t>(std::clamp<int64_t>(
       kChunkBytes / std::max<int64_t>(1, int64_t(3) * G * D * int64_t(sizeof(acc))), 1,
       std::max(Lq, 1)));
@@ -360,8 +507,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
         dq_sum(q_scaled.size());
     std::vector<acc> lse2(size_t(chunk_rows) * G), delta(lse2.size()), out_row(D);
     std::vector<int32_t> limit(chunk_rows);
-    // the key block: positions (sorted), dK and dV sums [kKeyBlock, D], P and dS [G, kKeyBlock]
-    std::vector<int32_t> keys;
+    // the key block's dK and dV sums [kKeyBlock, D], P and dS [G, kKeyBlock]
     std::vector<acc> dk_sum(size_t(kKeyBlock) * D), dv_sum(dk_sum.size());
     std::vector<acc> probs(size_t(G) * kKeyBlock), dscores(probs.size());
     acc* dk_rows[kKeyBlock];
@@ -371,7 +517,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
       dv_rows[j] = dv_sum.data() + int64_t(j) * D;
     }
     RowGather<scalar_t> rows;
-    RegionVisits regions;
+    KeyBlockWalk walk;
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / parts, part = task % parts;
@@ -431,59 +577,21 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           scatter_rows(dscores.data(), kKeyBlock, w.gc, q_scaled.data() + at, dk_rows, m, D);
           scatter_rows(probs.data(), kKeyBlock, w.gc, grad.data() + at, dv_rows, m, D);
         };
-        // The sorted `keys`, a block at a time, against the rows `for_each_visit` gives.
-        auto run_blocks = [&](auto&& for_each_visit) {
-          std::sort(keys.begin(), keys.end());
-          for (size_t j0 = 0; j0 < keys.size(); j0 += kKeyBlock) {
-            const int n = static_cast<int>(std::min<size_t>(kKeyBlock, keys.size() - j0));
-            const int32_t* pos = keys.data() + j0;
-            rows.gather(pos, n);
-            std::fill_n(dk_sum.data(), int64_t(n) * D, acc(0));
-            std::fill_n(dv_sum.data(), int64_t(n) * D, acc(0));
-            for_each_visit([&](const RowVisit& w) {
-              const int m = static_cast<int>(std::upper_bound(pos, pos + n, limit[w.row]) - pos);
-              if (m > 0) run_visit(w, m);
-            });
-            for (int j = 0; j < n; ++j) {
-              acc* dk_row = dk_head + int64_t(pos[j]) * D;
-              acc* dv_row = dv_head + int64_t(pos[j]) * D;
-              for (int32_t d = 0; d < D; ++d) {
-                dk_row[d] += dk_rows[j][d] * dk_scale;
-                dv_row[d] += dv_rows[j][d];
-              }
+        walk.run(a, layout, b, hk, i0, n_rows, limit.data(), in_part,
+                 [&](const int32_t* pos, int n, auto&& for_each_visit) {
+          rows.gather(pos, n);
+          std::fill_n(dk_sum.data(), int64_t(n) * D, acc(0));
+          std::fill_n(dv_sum.data(), int64_t(n) * D, acc(0));
+          for_each_visit(run_visit);
+          for (int j = 0; j < n; ++j) {
+            acc* dk_row = dk_head + int64_t(pos[j]) * D;
+            acc* dv_row = dv_head + int64_t(pos[j]) * D;
+            for (int32_t d = 0; d < D; ++d) {
+              dk_row[d] += dk_rows[j][d] * dk_scale;
+              dv_row[d] += dv_rows[j][d];
             }
           }
-        };
-
-        // fixed tokens: every row of the chunk, all G heads
-        keys.clear();
-        const int32_t* fixed = layout.fixed(b);
-        for (int32_t j = 0; j < layout.num_fixed; ++j) {
-          if (in_part(fixed[j])) keys.push_back(fixed[j]);
-        }
-        run_blocks([&](auto&& visit) {
-          for (int32_t r = 0; r < n_rows; ++r) visit(RowVisit{r, 0, G});
         });
-
-        // selected regions: the rows (and heads) that took each
-        if (shared) {  // selection head hk (Hs = Hkv, or Hs = Hq = Hkv)
-          regions.build(a, layout, b, i0, n_rows, hk, 1, G);
-        } else {
-          regions.build(a, layout, b, i0, n_rows, hk * G, G, G);
-        }
-        const int32_t* tokens = layout.tokens(b);
-        for (int32_t region = 0; region < layout.num_regions; ++region) {
-          const int64_t v0 = regions.first[region], v1 = regions.first[region + 1];
-          if (v0 == v1) continue;
-          keys.clear();
-          const RegionSpan span = layout.region(b, region);
-          for (int32_t t = span.begin; t < span.end; ++t) {
-            if (in_part(tokens[t])) keys.push_back(tokens[t]);
-          }
-          run_blocks([&](auto&& visit) {
-            for (int64_t x = v0; x < v1; ++x) visit(regions.visits[x]);
-          });
-        }
 
         for (int32_t r = 0; r < n_rows; ++r) {
           for (int32_t g = 0; g < G; ++g) {
