@@ -104,6 +104,45 @@ struct RowGather {
   }
 };
 
+// The forward's operands, and what both of its walks do with them.
+template <typename scalar_t>
+struct ForwardOperands {
+  using acc = acc_t<scalar_t>;
+  const scalar_t *q, *k, *v;
+  Strides4 qs, ks, vs;
+  const int32_t* q_pos;  // [B, Lq] or null
+  scalar_t* out;         // [B, Hq, Lq, D] contiguous
+  acc* lse;              // [B, Hq, Lq]
+  int32_t G, D, Lq;
+  acc q_scale;  // scores in base 2
+
+  ForwardOperands(const AttentionArgs& a, at::Tensor& out_t, at::Tensor& lse_t)
+      : q(a.q.const_data_ptr<scalar_t>()), k(a.k.const_data_ptr<scalar_t>()),
+        v(a.v.const_data_ptr<scalar_t>()), qs(strides_of(a.q)), ks(strides_of(a.k)),
+        vs(strides_of(a.v)),
+        q_pos(a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr),
+        out(out_t.data_ptr<scalar_t>()), lse(lse_t.data_ptr<acc>()), G(a.shape.group()),
+        D(a.shape.head_dim), Lq(a.shape.q_len),
+        q_scale(static_cast<acc>(a.scale) * log2e<acc>()) {}
+
+  int32_t limit(int64_t b, int32_t i) const { return q_pos ? q_pos[b * Lq + i] : kNoCausalLimit; }
+  // dst [G, D]: row i of the G query heads of KV head hk, times q_scale
+  void load_queries(int64_t b, int32_t hk, int32_t i, acc* dst) const {
+    for (int32_t g = 0; g < G; ++g) {
+      load_row(q + qs.offset(b, hk * G + g, i), D, dst + g * D);
+      scale(dst + g * D, D, q_scale);
+    }
+  }
+  RowGather<scalar_t> head_rows(int64_t b, int32_t hk) const {
+    return {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row, {}, {}};
+  }
+  // out and lse of row `row` of [B, Hq, Lq] from its softmax state
+  void store(int64_t row, const acc* accum, acc max, acc sum) const {
+    store_row(accum, D, softmax_normalizer(sum), out + row * D);
+    lse[row] = softmax_lse(max, sum);
+  }
+};
+
 // A block of base-2 scores of gc rows ([gc, kKeyBlock], n keys) into their online softmax:
 // each row's max and sum updated and its accumulator [D] rescaled, the scores turned into
 // weights relative to the new max, for accumulate_rows.
@@ -267,14 +306,7 @@ void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tens
   const AttentionShape& S = a.shape;
   const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
   const LayoutView layout = a.layout.view(a.num_keys);
-  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
-  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
-  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
-  const Strides4 qs = strides_of(a.q), ks = strides_of(a.k), vs = strides_of(a.v);
-  const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  acc* lse_data = lse.data_ptr<acc>();
-  const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
+  const ForwardOperands<scalar_t> io(a, out, lse);
   const int64_t N = a.num_keys;
 
   // Chunks: enough to keep the threads busy (pieces_filling_rounds), each chunk's queries
@@ -301,18 +333,14 @@ void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tens
       const int32_t n_rows = std::min(chunk_rows, Lq - i0);
       if (n_rows <= 0) continue;
       for (int32_t r = 0; r < n_rows; ++r) {
-        limit[r] = q_pos ? q_pos[b * Lq + i0 + r] : kNoCausalLimit;
-        for (int32_t g = 0; g < G; ++g) {
-          acc* dst = queries.data() + (int64_t(r) * G + g) * D;
-          load_row(q + qs.offset(b, hk * G + g, i0 + r), D, dst);
-          scale(dst, D, q_scale);
-        }
+        limit[r] = io.limit(b, i0 + r);
+        io.load_queries(b, hk, i0 + r, queries.data() + int64_t(r) * G * D);
       }
       std::fill(accum.begin(), accum.end(), acc(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
 
-      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
+      rows = io.head_rows(b, hk);
       auto valid = [&](int32_t pos) { return static_cast<uint32_t>(pos) < uint64_t(N); };
       walk.run(a, layout, b, hk, i0, n_rows, limit.data(), valid,
                [&](const int32_t* pos, int n, auto&& for_each_visit) {
@@ -331,9 +359,7 @@ void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tens
         for (int32_t g = 0; g < G; ++g) {
           const int64_t stat = int64_t(r) * G + g;
           const int64_t row = (b * S.q_heads + hk * G + g) * int64_t(Lq) + i0 + r;
-          store_row(accum.data() + stat * D, D, softmax_normalizer(row_sum[stat]),
-                    out_data + row * D);
-          lse_data[row] = softmax_lse(row_max[stat], row_sum[stat]);
+          io.store(row, accum.data() + stat * D, row_max[stat], row_sum[stat]);
         }
       }
     }
@@ -346,14 +372,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
   const AttentionShape& S = a.shape;
   const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
   const LayoutView layout = a.layout.view(a.num_keys);
-  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
-  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
-  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
-  const Strides4 qs = strides_of(a.q), ks = strides_of(a.k), vs = strides_of(a.v);
-  const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  acc* lse_data = lse.data_ptr<acc>();
-  const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
+  const ForwardOperands<scalar_t> io(a, out, lse);
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   const int64_t splits = plan_forward_splits(a, tasks);
@@ -385,17 +404,13 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
       const Task t = task_of(item / splits);
       const int64_t b = t.b;
       const int32_t hk = t.hk, i = t.i;
-      const int32_t limit = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
-      for (int32_t g = 0; g < G; ++g) {
-        acc* dst = queries.data() + g * D;
-        load_row(q + qs.offset(b, hk * G + g, i), D, dst);
-        scale(dst, D, q_scale);
-      }
+      const int32_t limit = io.limit(b, i);
+      io.load_queries(b, hk, i, queries.data());
       std::fill(accum.begin(), accum.end(), acc(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
 
-      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
+      rows = io.head_rows(b, hk);
       auto attend = [&](int g0, int gc, const int32_t* pos, int n, const int32_t* next,
                         int next_n) {
         rows.gather(pos, n);
@@ -421,8 +436,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
       }
       for (int32_t g = 0; g < G; ++g) {
         const int64_t row = out_row(t, g);
-        store_row(accum.data() + g * D, D, softmax_normalizer(row_sum[g]), out_data + row * D);
-        lse_data[row] = softmax_lse(row_max[g], row_sum[g]);
+        io.store(row, accum.data() + g * D, row_max[g], row_sum[g]);
       }
     }
   });
@@ -449,8 +463,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
         for (int32_t d = 0; d < D; ++d) merged[d] += w * split_acc[d];
       }
       const int64_t row = out_row(task_of(task), g);
-      store_row(merged.data(), D, softmax_normalizer(sum), out_data + row * D);
-      lse_data[row] = softmax_lse(max, sum);
+      io.store(row, merged.data(), max, sum);
     }
   });
 }
