@@ -285,6 +285,21 @@ def test_region_topk_tiles_in_launches_of_whole_runs(sim):
     assert_scores_equal(got[1], want[1])
 
 
+def test_region_topk_scored_in_tiles_of_exactly_64_positions(sim):
+    """Runs of 64 positions (one whole tile of rows, none ragged) for 4 runs (b, hs):
+    scoring_tile_kernel must decode its blocks with the host's count of row tiles."""
+    gen = generator(231)
+    B, Hq, Hkv, Lq, N, D = 2, 4, 2, 64, 300, 16
+    layout = random_batch_layout(gen, B, N, max_regions=40, max_region_size=8)
+    q = torch.randint(-2, 3, (B, Hq, Lq, D), generator=gen).float()
+    desc = torch.randint(-2, 3, (B, Hkv, layout.num_regions, D), generator=gen).float()
+    args = (q, desc, layout.region_ptr, 5, True, q_positions(gen, B, Lq, N), layout.region_pos)
+    got, want = sim.region_topk(*args), ops.region_topk(*args)
+    assert launched(sim) == {"scoring_tile_kernel", "topk_kernel"}
+    assert torch.equal(got[0], want[0])
+    assert_scores_equal(got[1], want[1])
+
+
 def test_forced_scoring_block_count_must_be_a_number(sim, monkeypatch):
     monkeypatch.setenv("GAZE_TOPK_SCORING_BLOCKS", "-2")
     q, desc, ptr = topk_many_regions(1, 10, 2, 1)
@@ -372,6 +387,58 @@ def test_streamed_forward_over_several_position_batches(sim, monkeypatch, dtype)
     got = sim.gaze_attention(*qkv, *args)
     assert launched(sim) == {STREAMED, "merge_splits_kernel"}
     assert_forward_matches_cpu(got, dtype, qkv, args)
+
+
+def fixed_tokens_only_case(gen, N, F, dtype, Hq, Hkv, Lq, D):
+    """F visible fixed tokens 0..F-1, one unused region, no slots (K = 0): every key of a
+    unit is a fixed token, so the streamed kernel's batches hold exactly F keys in order."""
+    fixed = torch.arange(F, dtype=torch.int32)
+    layout = gaze_ext.layout.GazeLayout(torch.tensor([0, 4], dtype=torch.int32),
+                                        torch.arange(F, F + 4, dtype=torch.int32),
+                                        torch.tensor([F], dtype=torch.int32), fixed, N)
+    q, k, v = (torch.randn(s, generator=gen).to(dtype) for s in qkv_shapes(1, Hq, Hkv, Lq, N, D))
+    idx = torch.zeros(1, Hkv, Lq, 0, dtype=torch.int32)
+    args = (layout.region_ptr, layout.region_tokens, layout.fixed_tokens, idx, None, 0.125)
+    return (q, k, v), args
+
+
+def test_streamed_forward_clears_the_last_tile_of_a_later_batch(sim, monkeypatch):
+    """1,041 keys in one split: a batch of 1,024, then one of 17, whose last tile has one
+    key. All 15 entries after it must read -1, not the positions the first batch left in
+    shared memory (entry 32 would count key 32 twice)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    monkeypatch.setenv("GAZE_SPLITS", "1")
+    qkv, args = fixed_tokens_only_case(generator(40), 1100, 1041, torch.float32, 2, 1, 1, 64)
+    got = sim.gaze_attention(*qkv, *args)
+    assert launched(sim) == {STREAMED}
+    assert_forward_matches_cpu(got, torch.float32, qkv, args)
+
+
+def test_streamed_forward_with_two_head_groups_over_many_tiles(sim, monkeypatch):
+    """8 query heads per unit in bf16 (two lane sets split the heads, so a lane reads V
+    chunks another lane copied) and 300 keys in one split: 19 tiles, each warp's stages
+    refilled. The copies of a warp's next-but-one tile must wait until every lane is done
+    with the stage (the __syncwarp closing each tile)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    monkeypatch.setenv("GAZE_SPLITS", "1")
+    qkv, args = fixed_tokens_only_case(generator(41), 400, 300, torch.bfloat16, 8, 1, 4, 64)
+    got = sim.gaze_attention(*qkv, *args)
+    assert launched(sim) == {STREAMED}
+    assert_forward_matches_cpu(got, torch.bfloat16, qkv, args)
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_streamed_forward_with_a_wide_range_of_scores(sim, monkeypatch, splits):
+    """Keys 48-63 (warp 3's first tile of 16) with scores some 100 times larger than the
+    rest: warp 3's running max must carry over to its later tiles, and the warps' merge must
+    take the largest of their maxima, else 2^(difference of maxima) overflows (> 2^128)."""
+    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
+    monkeypatch.setenv("GAZE_SPLITS", splits)  # 3: keys 0-99 in split 0, then their merge
+    (q, k, v), args = fixed_tokens_only_case(generator(42), 400, 300, torch.float32, 2, 1, 1, 64)
+    k[:, :, 48:64] *= 100
+    got = sim.gaze_attention(q, k, v, *args)
+    assert launched(sim) == ({STREAMED} if splits == "1" else {STREAMED, "merge_splits_kernel"})
+    assert_forward_matches_cpu(got, torch.float32, (q, k, v), args)
 
 
 @pytest.mark.parametrize("seed", range(32))
