@@ -29,7 +29,7 @@ def mixed_layout(gen, B, N):
 def draw_case(seed):
     gen = generator(50_000 + seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-    B, Hkv, G, Lq, N, D = r(1, 3), r(1, 3), r(1, 4), r(0, 6), r(0, 50), r(1, 70)
+    B, Hkv, G, Lq, N, D = r(1, 3), r(1, 3), r(1, 4), r(0, 12), r(0, 50), r(1, 70)
     kind = r(0, 2)
     if kind == 0:
         layout = random_batch_layout(gen, B, N, shared=True, max_regions=9)

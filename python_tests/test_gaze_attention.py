@@ -216,6 +216,39 @@ def test_selection_rules_repeats_and_padding(device):
     torch.testing.assert_close(out[0, 0].cpu().double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Lq", [3, 12])      # the CPU walks each row's keys, or keys
+@pytest.mark.parametrize("sel", ["kv", "q"])
+def test_positions_listed_twice_count_twice(Lq, sel):
+    """A position twice in fixed_tokens, in two regions, or twice in one region is attended
+    twice (weight 2), as the reference says: output, lse and gradients, through lse too."""
+    B, Hq, Hkv, N, D = 2, 4, 2, 30, 8
+    layout = GazeLayout(torch.tensor([0, 6, 12, 15], dtype=torch.int32),
+                        torch.tensor([0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9, 10, 10, 11],
+                                     dtype=torch.int32),             # 4, 5 in regions 0 and 1
+                        torch.tensor([5, 9, 11], dtype=torch.int32),  # 10 twice in region 2
+                        torch.tensor([20, 21, 20, -1, 22, 12], dtype=torch.int32), N)
+    gen = generator(31 + Lq)
+    idx = random_selection(gen, (B, Hkv if sel == "kv" else Hq, Lq, 3), 3)
+    q_pos = q_positions(gen, B, Lq, N, low=20)  # every row sees fixed token 20 (twice)
+    inputs = [torch.randn(s, generator=gen, dtype=torch.float64)
+              for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
+    grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(B, Hq, Lq, generator=gen, dtype=torch.float64)
+    args = (*layout_args(layout, "cpu"), idx, q_pos)
+    counts = reference.key_multiplicity(*layout_args(layout, "cpu"), idx, N, Hq, q_pos)
+    assert (counts[..., 20] == 2).all() and (counts[..., [4, 5, 10]] == 2).any()
+
+    def run(attention):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, lse = attention(*leaves, *args)
+        torch.autograd.backward([out, lse], [grad, grad_lse])
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+    for name, got, ref in zip(["out", "lse", "dq", "dk", "dv"], run(ops.gaze_attention),
+                              run(reference.gaze_attention)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_gradcheck_float64():
     gen = generator(21)
     B, Hq, Hkv, Lq, N, D = 2, 4, 2, 3, 14, 5

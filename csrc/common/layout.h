@@ -107,6 +107,9 @@ struct AttentionShape {
   int32_t sel_heads;  // Hs: Hq (per query head) or Hkv (shared per KV head)
   int32_t topk;       // slots per query in idx
   GAZE_HD int32_t group() const { return q_heads / kv_heads; }
+  // Each query head of a group has its own selection (else one per KV head: with G = 1
+  // the two are the same).
+  GAZE_HD bool per_head_selection() const { return sel_heads == q_heads && group() > 1; }
 };
 
 }  // namespace gaze

@@ -47,7 +47,7 @@ struct KeyLists {
       return idx + ((b * S.sel_heads + sel_head) * S.q_len + i) * int64_t(K);
     };
     group = S.group();
-    shared = S.sel_heads != S.q_heads || group == 1;
+    shared = !S.per_head_selection();
     all_heads.clear();
     append_fixed_keys(layout, b, limit, all_heads);
     if (shared) {
@@ -223,7 +223,7 @@ struct KeyBlockWalk {
     });
 
     // per-head selection: a row's regions differ between the heads of a group
-    const bool shared = S.sel_heads != S.q_heads || G == 1;
+    const bool shared = !S.per_head_selection();
     if (shared) {  // selection head hk (Hs = Hkv, or Hs = Hq = Hkv)
       invert_selections(a, layout, b, i0, rows, hk, 1);
     } else {
@@ -284,7 +284,7 @@ constexpr int64_t kMinSplitKeys = 512;
 
 int64_t plan_forward_splits(const AttentionArgs& a, int64_t tasks) {
   const AttentionShape& S = a.shape;
-  const bool per_head = S.sel_heads == S.q_heads && S.group() > 1;
+  const bool per_head = S.per_head_selection();
   const int64_t region_keys =  // per region, on average
       a.layout.region_tokens.size(-1) / std::max<int64_t>(1, a.layout.num_regions);
   const int64_t keys = a.layout.fixed_tokens.size(-1) +
@@ -307,7 +307,6 @@ void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tens
   const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
   const LayoutView layout = a.layout.view(a.num_keys);
   const ForwardOperands<scalar_t> io(a, out, lse);
-  const int64_t N = a.num_keys;
 
   // Chunks: enough to keep the threads busy (pieces_filling_rounds), each chunk's queries
   // and accumulators ([rows, G, D] each) within kChunkBytes.
@@ -329,9 +328,10 @@ void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tens
       const int64_t head = task / chunks;
       const int64_t b = head / S.kv_heads;
       const int32_t hk = static_cast<int32_t>(head % S.kv_heads);
-      const int32_t i0 = static_cast<int32_t>(task % chunks) * chunk_rows;
+      const int64_t first_row = task % chunks * chunk_rows;  // 64-bit: past Lq for late chunks
+      if (first_row >= Lq) continue;
+      const int32_t i0 = static_cast<int32_t>(first_row);
       const int32_t n_rows = std::min(chunk_rows, Lq - i0);
-      if (n_rows <= 0) continue;
       for (int32_t r = 0; r < n_rows; ++r) {
         limit[r] = io.limit(b, i0 + r);
         io.load_queries(b, hk, i0 + r, queries.data() + int64_t(r) * G * D);
@@ -341,7 +341,7 @@ void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tens
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
 
       rows = io.head_rows(b, hk);
-      auto valid = [&](int32_t pos) { return static_cast<uint32_t>(pos) < uint64_t(N); };
+      auto valid = [&](int32_t pos) { return layout.visible(pos, kNoCausalLimit); };
       walk.run(a, layout, b, hk, i0, n_rows, limit.data(), valid,
                [&](const int32_t* pos, int n, auto&& for_each_visit) {
         rows.gather(pos, n);
@@ -541,11 +541,11 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
       acc* dv_head = dv_data + head * N * D;
       // the keys of this part: valid positions whose run is dealt to it
       auto in_part = [&](int32_t pos) {
-        return static_cast<uint32_t>(pos) < static_cast<uint32_t>(N) &&
-               (pos / kPartRun) % parts == part;
+        return layout.visible(pos, kNoCausalLimit) && (pos / kPartRun) % parts == part;
       };
 
-      for (int32_t i0 = 0; i0 < Lq; i0 += chunk_rows) {
+      for (int64_t first_row = 0; first_row < Lq; first_row += chunk_rows) {  // 64-bit: no wrap
+        const int32_t i0 = static_cast<int32_t>(first_row);
         const int32_t n_rows = std::min(chunk_rows, Lq - i0);
         for (int32_t r = 0; r < n_rows; ++r) {
           const int32_t i = i0 + r;

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_backward_ordered_kerne
   const int64_t b = blockIdx.x / S.kv_heads;
   const int hk = int(blockIdx.x % S.kv_heads);
   // units are numbered ((b * Hs + hs) * head_chunks + chunk) * Lq + i
-  const bool per_query_head = S.sel_heads == S.q_heads && S.group() > 1;
+  const bool per_query_head = S.per_head_selection();
   const int hs_begin = per_query_head ? hk * S.group() : hk;
   const int hs_end = per_query_head ? hs_begin + S.group() : hk + 1;
   for (int hs = hs_begin; hs < hs_end; ++hs) {

@@ -90,7 +90,7 @@ __device__ __forceinline__ Unit decode_unit(const AttnParams& p, int64_t u, int 
   unit.sel_head = int(rest % S.sel_heads);
   unit.b = rest / S.sel_heads;
   const int G = S.group();
-  if (S.sel_heads == S.q_heads && G > 1) {  // one selection per query head
+  if (S.per_head_selection()) {
     unit.first_head = unit.sel_head;
     unit.num_heads = 1;
     unit.kv_head = unit.sel_head / G;

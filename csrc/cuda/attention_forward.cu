@@ -308,7 +308,7 @@ void launch_forward(const AttentionArgs& a, AttnParams& p, bool vec, int64_t sha
 int plan_units(const AttentionArgs& a, AttnParams& p) {
   const AttentionShape& S = a.shape;
   const int G = S.group();
-  const bool per_query_head = S.sel_heads == S.q_heads && G > 1;
+  const bool per_query_head = S.per_head_selection();
   const int heads = per_query_head ? 1 : G;
   const int NH = num_heads_per_unit_template(std::min(heads, 8));
   p.head_chunks = per_query_head ? 1 : int(ceil_div(G, NH));
