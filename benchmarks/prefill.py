@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 import gaze_ext
-from gaze_ext import ops
+from gaze_ext import ops, reference
 
 from . import flex
 from .common import (benchmark_main, environment, kernel_sections, kernel_times, markdown_table,
@@ -217,11 +217,16 @@ def run_shape(shape: PrefillShape, device: str, with_flex: bool = True):
     unions = {name: w[0] for name, w in work.items()}
     computed_share = {name: w[2] / max(w[1], 1) for name, w in work.items()}
     # forward TFLOP/s (4 D per query-key product): dense over every visible key, the
-    # tensor-core forward over the key blocks its warps compute (not what is useful)
+    # tensor-core forward over the key blocks its warps compute (not what is useful), the
+    # CPU forward over the (row, key) pairs it attends (its [B, Hq, Lq, N] count is small)
     pairs = {"sdpa_fwd": Hq * B * sum(visual + i + 1 for i in range(Lq))}
-    if device == "cuda":
-        pairs["gaze_shared_fwd"] = work["iid"][2]
-        pairs["gaze_shared_fwd_correlated"] = work["correlated"][2]
+    for name, variant in (("iid", "gaze_shared_fwd"), ("correlated", "gaze_shared_fwd_correlated")):
+        if device == "cuda":
+            pairs[variant] = work[name][2]
+        else:
+            pairs[variant] = int(reference.key_multiplicity(
+                layout.region_ptr, layout.region_tokens, layout.fixed_tokens,
+                shared_selection[name], N, Hq, q_pos).sum())
     for row in rows:
         if row["variant"] in pairs:
             row["TFLOP/s"] = 4 * D * pairs[row["variant"]] / (row["ms"] * 1e-3) / 1e12
@@ -251,7 +256,8 @@ def report(result) -> str:
         markdown_table(result["rows"], ["variant", "ms", "speedup", "TFLOP/s"]),
         "",
         "TFLOP/s: forward, 4 D per query-key product; dense over every visible key, the "
-        "tensor-core forward (CUDA) over the 8-key blocks its warps compute.",
+        "tensor-core forward (CUDA) over the 8-key blocks its warps compute, the CPU forward "
+        "over the (row, key) pairs it attends.",
         "",
     ]
     for name in ("iid", "correlated"):

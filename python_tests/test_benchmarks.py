@@ -123,6 +123,8 @@ def test_prefill_benchmark_runs_and_reports(quick_timing, monkeypatch, tmp_path)
     assert "flex_shared_fwd" in {row["variant"] for row in result["rows"]}
     topk_row = next(row for row in result["rows"] if row["variant"] == "topk_shared")
     assert "speedup" not in topk_row  # the selection alone has no dense peer
+    flops = {row["variant"]: row.get("TFLOP/s") for row in result["rows"]}
+    assert flops["gaze_shared_fwd"] > 0 and flops["gaze_shared_fwd_correlated"] > 0
     assert peer_agrees(result["flex"])  # forward only: no backward on the CPU
     assert prefill.main(["--device", "cpu", "--out", str(tmp_path), "--no-flex"]) == 0
     result = json.loads((tmp_path / "prefill-cpu.json").read_text())
