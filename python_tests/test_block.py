@@ -476,6 +476,24 @@ def test_cache_start_compacts_fixed_tokens_with_padding_inside():
     assert (cache.fixed_tokens[0, 5:] == -1).all()
 
 
+def test_cache_start_expands_a_layout_shared_by_the_batch():
+    """A hand-made layout whose gaze part has no batch axis (one layout for every sample):
+    the cache holds it per sample, as it holds the same layout stacked."""
+    plan = [("text", 2), ("visual", 1, 2, 2), ("text", 1)]
+    layout = build_multimodal_layout([plan, plan], num_context=1, region_shape=(1, 2, 2))
+    shared = layout.gaze._replace(**{f: getattr(layout.gaze, f)[0] for f in
+                                     ("region_ptr", "region_tokens", "region_pos",
+                                      "fixed_tokens")})
+    caches = []
+    for gaze in (layout.gaze, shared):
+        cache = GazeKVCache(1, 2, 1, 4, max_len=12)
+        cache.start(dataclasses.replace(layout, gaze=gaze))
+        caches.append(cache)
+    for field in ("region_ptr", "region_tokens", "region_pos", "fixed_tokens", "fixed_count"):
+        got, want = getattr(caches[1], field), getattr(caches[0], field)
+        assert got.shape[0] == 2 and torch.equal(got, want), field
+
+
 def test_cache_can_be_restarted_for_a_new_prompt():
     long = build_multimodal_layout([[("text", 5)]])
     short = build_multimodal_layout([[("text", 2), ("visual", 1, 2, 2)]], num_context=1,
