@@ -402,29 +402,27 @@ def fixed_tokens_only_case(gen, N, F, dtype, Hq, Hkv, Lq, D):
     return (q, k, v), args
 
 
-def test_streamed_forward_clears_the_last_tile_of_a_later_batch(sim, monkeypatch):
-    """1,041 keys in one split: a batch of 1,024, then one of 17, whose last tile has one
-    key. All 15 entries after it must read -1, not the positions the first batch left in
-    shared memory (entry 32 would count key 32 twice)."""
-    monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
-    monkeypatch.setenv("GAZE_SPLITS", "1")
-    qkv, args = fixed_tokens_only_case(generator(40), 1100, 1041, torch.float32, 2, 1, 1, 64)
-    got = sim.gaze_attention(*qkv, *args)
-    assert launched(sim) == {STREAMED}
-    assert_forward_matches_cpu(got, torch.float32, qkv, args)
+STREAMED_EDGE_CASES = {
+    # 1,041 keys: a batch of 1,024 positions, then one of 17 whose last tile has one key;
+    # the 15 entries after it must read -1, not what the first batch left (entry 32 would
+    # count key 32 twice)
+    "later_batch_with_a_one_key_tile": (40, 1100, 1041, torch.float32, 2, 1),
+    # 8 query heads per unit in bf16 (two lane sets split the heads, so a lane reads V chunks
+    # another lane copied), 300 keys: 19 tiles, each warp's stages refilled; the copies of a
+    # warp's next-but-one tile must wait for every lane (the __syncwarp closing each tile)
+    "two_head_groups_over_many_tiles": (41, 400, 300, torch.bfloat16, 8, 4),
+}
 
 
-def test_streamed_forward_with_two_head_groups_over_many_tiles(sim, monkeypatch):
-    """8 query heads per unit in bf16 (two lane sets split the heads, so a lane reads V
-    chunks another lane copied) and 300 keys in one split: 19 tiles, each warp's stages
-    refilled. The copies of a warp's next-but-one tile must wait until every lane is done
-    with the stage (the __syncwarp closing each tile)."""
+@pytest.mark.parametrize("case", STREAMED_EDGE_CASES)
+def test_streamed_forward_edge_cases_in_one_split(sim, monkeypatch, case):
+    seed, N, F, dtype, Hq, Lq = STREAMED_EDGE_CASES[case]
     monkeypatch.setenv("GAZE_ATTENTION_KERNEL", "split")
     monkeypatch.setenv("GAZE_SPLITS", "1")
-    qkv, args = fixed_tokens_only_case(generator(41), 400, 300, torch.bfloat16, 8, 1, 4, 64)
+    qkv, args = fixed_tokens_only_case(generator(seed), N, F, dtype, Hq, 1, Lq, 64)
     got = sim.gaze_attention(*qkv, *args)
     assert launched(sim) == {STREAMED}
-    assert_forward_matches_cpu(got, torch.bfloat16, qkv, args)
+    assert_forward_matches_cpu(got, dtype, qkv, args)
 
 
 @pytest.mark.parametrize("splits", ["1", "3"])

@@ -104,25 +104,22 @@ struct RowGather {
   }
 };
 
-// The forward's operands, and what both of its walks do with them.
+// q, k, v of an attention call, and what every walk of both passes does with them.
 template <typename scalar_t>
-struct ForwardOperands {
+struct AttentionOperands {
   using acc = acc_t<scalar_t>;
   const scalar_t *q, *k, *v;
   Strides4 qs, ks, vs;
   const int32_t* q_pos;  // [B, Lq] or null
-  scalar_t* out;         // [B, Hq, Lq, D] contiguous
-  acc* lse;              // [B, Hq, Lq]
   int32_t G, D, Lq;
   acc q_scale;  // scores in base 2
 
-  ForwardOperands(const AttentionArgs& a, at::Tensor& out_t, at::Tensor& lse_t)
+  explicit AttentionOperands(const AttentionArgs& a)
       : q(a.q.const_data_ptr<scalar_t>()), k(a.k.const_data_ptr<scalar_t>()),
         v(a.v.const_data_ptr<scalar_t>()), qs(strides_of(a.q)), ks(strides_of(a.k)),
         vs(strides_of(a.v)),
         q_pos(a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr),
-        out(out_t.data_ptr<scalar_t>()), lse(lse_t.data_ptr<acc>()), G(a.shape.group()),
-        D(a.shape.head_dim), Lq(a.shape.q_len),
+        G(a.shape.group()), D(a.shape.head_dim), Lq(a.shape.q_len),
         q_scale(static_cast<acc>(a.scale) * log2e<acc>()) {}
 
   int32_t limit(int64_t b, int32_t i) const { return q_pos ? q_pos[b * Lq + i] : kNoCausalLimit; }
@@ -136,9 +133,22 @@ struct ForwardOperands {
   RowGather<scalar_t> head_rows(int64_t b, int32_t hk) const {
     return {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row, {}, {}};
   }
+};
+
+// The forward's operands: with its outputs.
+template <typename scalar_t>
+struct ForwardOperands : AttentionOperands<scalar_t> {
+  using acc = acc_t<scalar_t>;
+  scalar_t* out;  // [B, Hq, Lq, D] contiguous
+  acc* lse;       // [B, Hq, Lq]
+
+  ForwardOperands(const AttentionArgs& a, at::Tensor& out_t, at::Tensor& lse_t)
+      : AttentionOperands<scalar_t>(a), out(out_t.data_ptr<scalar_t>()),
+        lse(lse_t.data_ptr<acc>()) {}
+
   // out and lse of row `row` of [B, Hq, Lq] from its softmax state
   void store(int64_t row, const acc* accum, acc max, acc sum) const {
-    store_row(accum, D, softmax_normalizer(sum), out + row * D);
+    store_row(accum, this->D, softmax_normalizer(sum), out + row * this->D);
     lse[row] = softmax_lse(max, sum);
   }
 };
@@ -301,12 +311,11 @@ constexpr int32_t kMinChunkRows = 4;
 // The forward of many rows: one task per (batch, KV head, chunk of rows), each key block
 // once per chunk (KeyBlockWalk), each row's online softmax kept in the chunk's state.
 template <typename scalar_t>
-void attention_forward_by_keys(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
+void attention_forward_by_keys(const AttentionArgs& a, const LayoutView& layout,
+                               const ForwardOperands<scalar_t>& io) {
   using acc = acc_t<scalar_t>;
   const AttentionShape& S = a.shape;
-  const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
-  const LayoutView layout = a.layout.view(a.num_keys);
-  const ForwardOperands<scalar_t> io(a, out, lse);
+  const int32_t G = io.G, D = io.D, Lq = io.Lq;
 
   // Chunks: enough to keep the threads busy (pieces_filling_rounds), each chunk's queries
   // and accumulators ([rows, G, D] each) within kChunkBytes.
@@ -376,7 +385,7 @@ void attention_forward(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse)
 
   const int64_t tasks = int64_t(S.batch) * S.kv_heads * Lq;
   const int64_t splits = plan_forward_splits(a, tasks);
-  if (splits == 1 && Lq >= kKeyWalkMinRows) return attention_forward_by_keys<scalar_t>(a, out, lse);
+  if (splits == 1 && Lq >= kKeyWalkMinRows) return attention_forward_by_keys(a, layout, io);
   // With splits: each split's state per head, [tasks, splits, G, D + 2] (accumulator, max, sum)
   const int64_t state_size = int64_t(G) * (D + 2);
   at::Tensor states;
@@ -477,20 +486,15 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
   const int32_t G = S.group(), D = S.head_dim, Lq = S.q_len;
   const int64_t N = a.num_keys;
   const LayoutView layout = a.layout.view(N);
-  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
-  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
-  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
+  const AttentionOperands<scalar_t> io(a);
   const scalar_t* dout = args.grad_out.const_data_ptr<scalar_t>();
   const scalar_t* out = args.out.const_data_ptr<scalar_t>();
   const acc* lse = args.lse.const_data_ptr<acc>();
   const acc* dlse = args.grad_lse.defined() ? args.grad_lse.const_data_ptr<acc>() : nullptr;
-  const Strides4 qs = strides_of(a.q), ks = strides_of(a.k), vs = strides_of(a.v);
   const Strides4 dos = strides_of(args.grad_out), os = strides_of(args.out);
-  const int32_t* q_pos = a.q_pos.defined() ? a.q_pos.const_data_ptr<int32_t>() : nullptr;
   scalar_t* dq_data = dq.data_ptr<scalar_t>();
   acc* dk_data = dk_acc.data_ptr<acc>();
   acc* dv_data = dv_acc.data_ptr<acc>();
-  const acc q_scale = static_cast<acc>(a.scale) * log2e<acc>();
   // dK = sum dS (q scale) = sum dS q_scaled / log2(e): the scaled queries serve both
   const acc dk_scale = acc(1) / log2e<acc>();
 
@@ -536,7 +540,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
       const int64_t head = task / parts, part = task % parts;
       const int64_t b = head / S.kv_heads;
       const int32_t hk = static_cast<int32_t>(head % S.kv_heads);
-      rows = {k + ks.offset(b, hk, 0), v + vs.offset(b, hk, 0), ks.row, vs.row};
+      rows = io.head_rows(b, hk);
       acc* dk_head = dk_data + head * N * D;
       acc* dv_head = dv_data + head * N * D;
       // the keys of this part: valid positions whose run is dealt to it
@@ -549,14 +553,12 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
         const int32_t n_rows = std::min(chunk_rows, Lq - i0);
         for (int32_t r = 0; r < n_rows; ++r) {
           const int32_t i = i0 + r;
-          limit[r] = q_pos ? q_pos[b * Lq + i] : kNoCausalLimit;
+          limit[r] = io.limit(b, i);
+          io.load_queries(b, hk, i, q_scaled.data() + int64_t(r) * G * D);
           for (int32_t g = 0; g < G; ++g) {
             const int32_t h = hk * G + g;
             const int64_t lrow = (b * S.q_heads + h) * int64_t(Lq) + i;
-            acc* qr = q_scaled.data() + (int64_t(r) * G + g) * D;
             acc* gr = grad.data() + (int64_t(r) * G + g) * D;
-            load_row(q + qs.offset(b, h, i), D, qr);
-            scale(qr, D, q_scale);
             load_row(dout + dos.offset(b, h, i), D, gr);
             load_row(out + os.offset(b, h, i), D, out_row.data());
             acc dot = 0;
