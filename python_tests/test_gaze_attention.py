@@ -334,6 +334,40 @@ def test_cpu_key_walks_in_row_chunks_match_reference(sel, threads):
         torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("G, sel, threads", [(1, "kv", 1), (2, "kv", 2), (3, "kv", 1),
+                                             (3, "q", 2), (4, "q", 1)])
+def test_cpu_key_walk_stacks_the_visits_of_few_heads(G, sel, threads):
+    """The CPU key walks run the visits of a key block with fewer than 4 heads (G < 4, or a
+    query head's own selection) in stacks of up to 8 rows that see the same prefix of the
+    block. Few regions, so that many rows take each one; causal limits inside the blocks
+    (one prefix per row there, one for all rows after the last key), and a row that sees no
+    key: the reference's output, lse and gradients in float64."""
+    gen = generator(700 + 10 * G + threads)
+    B, Hkv, Lq, N, D = 2, 2, 48, 260, 24
+    Hq = G * Hkv
+    layout = random_batch_layout(gen, B, N, max_regions=6, max_region_size=40)
+    idx = random_selection(gen, (B, Hkv if sel == "kv" else Hq, Lq, 3), layout.num_regions)
+    q_pos = torch.where(torch.rand(B, Lq, generator=gen) < 0.5, N,
+                        q_positions(gen, B, Lq, N, low=N // 2)).to(torch.int32)
+    q_pos[0, 5] = -1
+    inputs = [torch.randn(s, generator=gen, dtype=torch.float64)
+              for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
+    grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    args = (*layout_args(layout, "cpu"), idx, q_pos)
+
+    def run(attention):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, lse = attention(*leaves, *args)
+        out.backward(grad)
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+    with cpu_threads(threads):
+        got = run(ops.gaze_attention)
+    for name, one, ref in zip(["out", "lse", "dq", "dk", "dv"], got, run(reference.gaze_attention)):
+        assert ref[ref.isfinite()].abs().sum() > 0, name
+        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, sel, causal, threads", [
     (1, 4, 1, 1, "kv", False, 2),   # a decode step of one task: both threads on its keys
     (1, 4, 1, 1, "kv", False, 5),

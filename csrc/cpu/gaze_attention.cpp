@@ -285,6 +285,47 @@ struct KeyBlockWalk {
   }
 };
 
+// Visits of a key block that share its prefix m, stacked into up to kRows query rows: the
+// SIMD kernels work on four query rows at a time (dot_rows' 4 x 4 tiles, accumulate_rows'
+// and scatter_rows' four heads), so visits of fewer heads (a query head's own selection,
+// groups of G < 4) run together instead of one by one. A flush copies the visitors' rows
+// into contiguous buffers and their results back: a few row copies per visit, against
+// 2 m D multiply-adds per row.
+struct VisitStack {
+  static constexpr int kRows = 8;
+  RowVisit visits[kRows];
+  int count = 0, rows = 0, m = 0;
+
+  // Whether visits of gc heads gain from stacking (a visit of four or more heads fills
+  // the kernels' tiles on its own).
+  static bool helps(int gc) { return gc < 4; }
+
+  // Adds visit w of the block's first wm keys; flush(stack) runs the stack first when w
+  // does not fit it, or names a head of a row already in it (a region the row took twice:
+  // the forward's second visit must see the softmax state the first one left).
+  template <typename Flush>
+  void add(const RowVisit& w, int wm, Flush&& flush) {
+    if (count > 0 && (wm != m || rows + w.gc > kRows || holds(w))) finish(flush);
+    visits[count++] = w;
+    rows += w.gc;
+    m = wm;
+  }
+
+  bool holds(const RowVisit& w) const {
+    for (int x = 0; x < count; ++x) {
+      const RowVisit& v = visits[x];
+      if (v.row == w.row && v.g0 < w.g0 + w.gc && w.g0 < v.g0 + v.gc) return true;
+    }
+    return false;
+  }
+
+  template <typename Flush>
+  void finish(Flush&& flush) {
+    if (count > 0) flush(*this);
+    count = rows = 0;
+  }
+};
+
 // A decode step has few (batch, KV head, query row) tasks. With fewer than the threads, or
 // a count that leaves threads idle in the last round, each task's key blocks are split and
 // the splits' online-softmax states merged by log-sum-exp, as the CUDA split-K forward does.
@@ -329,10 +370,43 @@ void attention_forward_by_keys(const AttentionArgs& a, const LayoutView& layout,
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> queries(size_t(chunk_rows) * G * D), accum(queries.size());
     std::vector<acc> row_max(size_t(chunk_rows) * G), row_sum(row_max.size());
-    std::vector<acc> scores(size_t(G) * kKeyBlock);
+    std::vector<acc> scores(size_t(std::max<int32_t>(G, VisitStack::kRows)) * kKeyBlock);
     std::vector<int32_t> limit(chunk_rows);
+    // a stack's rows: queries and online-softmax states [kRows, D], max and sum [kRows]
+    constexpr int kStack = VisitStack::kRows;
+    std::vector<acc> stack_queries(size_t(kStack) * D), stack_accum(stack_queries.size());
+    acc stack_max[kStack], stack_sum[kStack];
     RowGather<scalar_t> rows;
     KeyBlockWalk walk;
+    VisitStack stack;
+    // rows [stat, stat + gc) of the chunk's state against the block's first m keys
+    auto attend = [&](const acc* q_rows, int gc, int m, acc* max, acc* sum, acc* accum_rows) {
+      dot_rows(q_rows, gc, rows.k_rows, m, D, scores.data(), kKeyBlock);
+      softmax_block(scores.data(), gc, m, D, max, sum, accum_rows);
+      accumulate_rows(scores.data(), kKeyBlock, gc, rows.v_rows, m, D, accum_rows);
+    };
+    auto flush = [&](const VisitStack& st) {
+      int at = 0;
+      for (int x = 0; x < st.count; ++x) {
+        const int64_t stat = int64_t(st.visits[x].row) * G + st.visits[x].g0;
+        const int gc = st.visits[x].gc;
+        std::copy_n(queries.data() + stat * D, gc * D, stack_queries.data() + at * D);
+        std::copy_n(accum.data() + stat * D, gc * D, stack_accum.data() + at * D);
+        std::copy_n(row_max.data() + stat, gc, stack_max + at);
+        std::copy_n(row_sum.data() + stat, gc, stack_sum + at);
+        at += gc;
+      }
+      attend(stack_queries.data(), st.rows, st.m, stack_max, stack_sum, stack_accum.data());
+      at = 0;
+      for (int x = 0; x < st.count; ++x) {
+        const int64_t stat = int64_t(st.visits[x].row) * G + st.visits[x].g0;
+        const int gc = st.visits[x].gc;
+        std::copy_n(stack_accum.data() + at * D, gc * D, accum.data() + stat * D);
+        std::copy_n(stack_max + at, gc, row_max.data() + stat);
+        std::copy_n(stack_sum + at, gc, row_sum.data() + stat);
+        at += gc;
+      }
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / chunks;
       const int64_t b = head / S.kv_heads;
@@ -355,13 +429,12 @@ void attention_forward_by_keys(const AttentionArgs& a, const LayoutView& layout,
                [&](const int32_t* pos, int n, auto&& for_each_visit) {
         rows.gather(pos, n);
         for_each_visit([&](const RowVisit& w, int m) {
+          if (VisitStack::helps(w.gc)) return stack.add(w, m, flush);
           const int64_t stat = int64_t(w.row) * G + w.g0;
-          dot_rows(queries.data() + stat * D, w.gc, rows.k_rows, m, D, scores.data(), kKeyBlock);
-          softmax_block(scores.data(), w.gc, m, D, row_max.data() + stat, row_sum.data() + stat,
-                        accum.data() + stat * D);
-          accumulate_rows(scores.data(), kKeyBlock, w.gc, rows.v_rows, m, D,
-                          accum.data() + stat * D);
+          attend(queries.data() + stat * D, w.gc, m, row_max.data() + stat,
+                 row_sum.data() + stat, accum.data() + stat * D);
         });
+        stack.finish(flush);
       });
 
       for (int32_t r = 0; r < n_rows; ++r) {
@@ -526,7 +599,13 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
     std::vector<int32_t> limit(chunk_rows);
     // the key block's dK and dV sums [kKeyBlock, D], P and dS [G, kKeyBlock]
     std::vector<acc> dk_sum(size_t(kKeyBlock) * D), dv_sum(dk_sum.size());
-    std::vector<acc> probs(size_t(G) * kKeyBlock), dscores(probs.size());
+    std::vector<acc> probs(size_t(std::max<int32_t>(G, VisitStack::kRows)) * kKeyBlock),
+        dscores(probs.size());
+    // a stack's rows: scaled q, dO and dq [kRows, D], lse2 and delta [kRows]
+    constexpr int kStack = VisitStack::kRows;
+    std::vector<acc> stack_q(size_t(kStack) * D), stack_grad(stack_q.size()), stack_dq(stack_q.size());
+    acc stack_lse2[kStack], stack_delta[kStack];
+    VisitStack stack;
     acc* dk_rows[kKeyBlock];
     acc* dv_rows[kKeyBlock];
     for (int j = 0; j < kKeyBlock; ++j) {
@@ -569,28 +648,57 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
         }
         std::fill(dq_sum.begin(), dq_sum.end(), acc(0));
 
-        // Row visit w against the block's first m keys (gathered in `rows`).
-        auto run_visit = [&](const RowVisit& w, int m) {
-          const int64_t at = (int64_t(w.row) * G + w.g0) * D;
-          dot_rows(q_scaled.data() + at, w.gc, rows.k_rows, m, D, probs.data(), kKeyBlock);
-          dot_rows(grad.data() + at, w.gc, rows.v_rows, m, D, dscores.data(), kKeyBlock);
-          for (int32_t g = 0; g < w.gc; ++g) {
+        // gc rows (scaled q, dO [gc, D], lse2, delta [gc]) against the block's first m keys
+        // (gathered in `rows`): their dq [gc, D] and the block's dK/dV sums.
+        auto attend = [&](const acc* q_rows, const acc* grad_rows, const acc* row_lse2,
+                          const acc* row_delta, int gc, int m, acc* dq_rows) {
+          dot_rows(q_rows, gc, rows.k_rows, m, D, probs.data(), kKeyBlock);
+          dot_rows(grad_rows, gc, rows.v_rows, m, D, dscores.data(), kKeyBlock);
+          for (int g = 0; g < gc; ++g) {
             acc* p = probs.data() + g * kKeyBlock;
             acc* ds = dscores.data() + g * kKeyBlock;
-            const int64_t stat = int64_t(w.row) * G + w.g0 + g;
             // A row with lse = -inf saw no key in the forward: it gets no gradient (P = dS =
             // 0, also where delta is NaN).
-            if (lse2[stat] == -std::numeric_limits<acc>::infinity()) {
+            if (row_lse2[g] == -std::numeric_limits<acc>::infinity()) {
               std::fill(p, p + m, acc(0));
               std::fill(ds, ds + m, acc(0));
               continue;
             }
-            exp2_shifted(p, m, lse2[stat]);
-            for (int j = 0; j < m; ++j) ds[j] = p[j] * (ds[j] - delta[stat]);
+            exp2_shifted(p, m, row_lse2[g]);
+            for (int j = 0; j < m; ++j) ds[j] = p[j] * (ds[j] - row_delta[g]);
           }
-          accumulate_rows(dscores.data(), kKeyBlock, w.gc, rows.k_rows, m, D, dq_sum.data() + at);
-          scatter_rows(dscores.data(), kKeyBlock, w.gc, q_scaled.data() + at, dk_rows, m, D);
-          scatter_rows(probs.data(), kKeyBlock, w.gc, grad.data() + at, dv_rows, m, D);
+          accumulate_rows(dscores.data(), kKeyBlock, gc, rows.k_rows, m, D, dq_rows);
+          scatter_rows(dscores.data(), kKeyBlock, gc, q_rows, dk_rows, m, D);
+          scatter_rows(probs.data(), kKeyBlock, gc, grad_rows, dv_rows, m, D);
+        };
+        auto flush = [&](const VisitStack& st) {
+          int at = 0;
+          for (int x = 0; x < st.count; ++x) {
+            const int64_t stat = int64_t(st.visits[x].row) * G + st.visits[x].g0;
+            const int gc = st.visits[x].gc;
+            std::copy_n(q_scaled.data() + stat * D, gc * D, stack_q.data() + at * D);
+            std::copy_n(grad.data() + stat * D, gc * D, stack_grad.data() + at * D);
+            std::copy_n(lse2.data() + stat, gc, stack_lse2 + at);
+            std::copy_n(delta.data() + stat, gc, stack_delta + at);
+            at += gc;
+          }
+          std::fill_n(stack_dq.data(), int64_t(st.rows) * D, acc(0));
+          attend(stack_q.data(), stack_grad.data(), stack_lse2, stack_delta, st.rows, st.m,
+                 stack_dq.data());
+          at = 0;
+          for (int x = 0; x < st.count; ++x) {
+            acc* dq_rows = dq_sum.data() + (int64_t(st.visits[x].row) * G + st.visits[x].g0) * D;
+            for (int64_t e = 0; e < int64_t(st.visits[x].gc) * D; ++e) {
+              dq_rows[e] += stack_dq[at * D + e];
+            }
+            at += st.visits[x].gc;
+          }
+        };
+        auto run_visit = [&](const RowVisit& w, int m) {
+          if (VisitStack::helps(w.gc)) return stack.add(w, m, flush);
+          const int64_t stat = int64_t(w.row) * G + w.g0;
+          attend(q_scaled.data() + stat * D, grad.data() + stat * D, lse2.data() + stat,
+                 delta.data() + stat, w.gc, m, dq_sum.data() + stat * D);
         };
         walk.run(a, layout, b, hk, i0, n_rows, limit.data(), in_part,
                  [&](const int32_t* pos, int n, auto&& for_each_visit) {
@@ -598,6 +706,7 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           std::fill_n(dk_sum.data(), int64_t(n) * D, acc(0));
           std::fill_n(dv_sum.data(), int64_t(n) * D, acc(0));
           for_each_visit(run_visit);
+          stack.finish(flush);
           for (int j = 0; j < n; ++j) {
             acc* dk_row = dk_head + int64_t(pos[j]) * D;
             acc* dv_row = dv_head + int64_t(pos[j]) * D;
