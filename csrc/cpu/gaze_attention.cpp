@@ -319,6 +319,17 @@ struct VisitStack {
     return false;
   }
 
+  // f(state, at, gc) for each visit: its first row of a chunk's [rows, G] state
+  // (row * G + g0), the first of its gc rows in the stack
+  template <typename F>
+  void for_each(int32_t G, F&& f) const {
+    int at = 0;
+    for (int x = 0; x < count; ++x) {
+      f(int64_t(visits[x].row) * G + visits[x].g0, at, visits[x].gc);
+      at += visits[x].gc;
+    }
+  }
+
   template <typename Flush>
   void finish(Flush&& flush) {
     if (count > 0) flush(*this);
@@ -379,33 +390,26 @@ void attention_forward_by_keys(const AttentionArgs& a, const LayoutView& layout,
     RowGather<scalar_t> rows;
     KeyBlockWalk walk;
     VisitStack stack;
-    // rows [stat, stat + gc) of the chunk's state against the block's first m keys
+    // gc query rows [gc, D] and their softmax states (max, sum [gc], accumulators [gc, D])
+    // against the block's first m keys (gathered in `rows`)
     auto attend = [&](const acc* q_rows, int gc, int m, acc* max, acc* sum, acc* accum_rows) {
       dot_rows(q_rows, gc, rows.k_rows, m, D, scores.data(), kKeyBlock);
       softmax_block(scores.data(), gc, m, D, max, sum, accum_rows);
       accumulate_rows(scores.data(), kKeyBlock, gc, rows.v_rows, m, D, accum_rows);
     };
     auto flush = [&](const VisitStack& st) {
-      int at = 0;
-      for (int x = 0; x < st.count; ++x) {
-        const int64_t stat = int64_t(st.visits[x].row) * G + st.visits[x].g0;
-        const int gc = st.visits[x].gc;
+      st.for_each(G, [&](int64_t stat, int at, int gc) {
         std::copy_n(queries.data() + stat * D, gc * D, stack_queries.data() + at * D);
         std::copy_n(accum.data() + stat * D, gc * D, stack_accum.data() + at * D);
         std::copy_n(row_max.data() + stat, gc, stack_max + at);
         std::copy_n(row_sum.data() + stat, gc, stack_sum + at);
-        at += gc;
-      }
+      });
       attend(stack_queries.data(), st.rows, st.m, stack_max, stack_sum, stack_accum.data());
-      at = 0;
-      for (int x = 0; x < st.count; ++x) {
-        const int64_t stat = int64_t(st.visits[x].row) * G + st.visits[x].g0;
-        const int gc = st.visits[x].gc;
+      st.for_each(G, [&](int64_t stat, int at, int gc) {
         std::copy_n(stack_accum.data() + at * D, gc * D, accum.data() + stat * D);
         std::copy_n(stack_max + at, gc, row_max.data() + stat);
         std::copy_n(stack_sum + at, gc, row_sum.data() + stat);
-        at += gc;
-      }
+      });
     };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / chunks;
@@ -672,27 +676,19 @@ void attention_backward(const AttentionBackwardArgs& args, at::Tensor& dq, at::T
           scatter_rows(probs.data(), kKeyBlock, gc, grad_rows, dv_rows, m, D);
         };
         auto flush = [&](const VisitStack& st) {
-          int at = 0;
-          for (int x = 0; x < st.count; ++x) {
-            const int64_t stat = int64_t(st.visits[x].row) * G + st.visits[x].g0;
-            const int gc = st.visits[x].gc;
+          st.for_each(G, [&](int64_t stat, int at, int gc) {
             std::copy_n(q_scaled.data() + stat * D, gc * D, stack_q.data() + at * D);
             std::copy_n(grad.data() + stat * D, gc * D, stack_grad.data() + at * D);
             std::copy_n(lse2.data() + stat, gc, stack_lse2 + at);
             std::copy_n(delta.data() + stat, gc, stack_delta + at);
-            at += gc;
-          }
+          });
           std::fill_n(stack_dq.data(), int64_t(st.rows) * D, acc(0));
           attend(stack_q.data(), stack_grad.data(), stack_lse2, stack_delta, st.rows, st.m,
                  stack_dq.data());
-          at = 0;
-          for (int x = 0; x < st.count; ++x) {
-            acc* dq_rows = dq_sum.data() + (int64_t(st.visits[x].row) * G + st.visits[x].g0) * D;
-            for (int64_t e = 0; e < int64_t(st.visits[x].gc) * D; ++e) {
-              dq_rows[e] += stack_dq[at * D + e];
-            }
-            at += st.visits[x].gc;
-          }
+          st.for_each(G, [&](int64_t stat, int at, int gc) {
+            acc* dq_rows = dq_sum.data() + stat * D;
+            for (int64_t e = 0; e < int64_t(gc) * D; ++e) dq_rows[e] += stack_dq[at * D + e];
+          });
         };
         auto run_visit = [&](const RowVisit& w, int m) {
           if (VisitStack::helps(w.gc)) return stack.add(w, m, flush);
