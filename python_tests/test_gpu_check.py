@@ -35,6 +35,7 @@ STUBS = {
     "compute-sanitizer": '#!/usr/bin/env bash\nshift 4\nexec "$@"\n',
     "nvidia-smi": "#!/usr/bin/env bash\necho 'Stub GPU, 0.0, 1 MiB'\n",
     "nvcc": "#!/usr/bin/env bash\necho 'stub nvcc'\n",
+    "ncu": "#!/usr/bin/env bash\necho \"stub ncu $*\"\n",
 }
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -91,14 +92,16 @@ def test_full_check_runs_every_step_and_reports_them(tmp_path):
     assert "-n 4 python_tests" in pytest_call and "--ignore=python_tests/test_cuda_sim.py" in pytest_call
     rows = step_rows(report)
     assert [name.strip() for name, _ in rows] == ["build", "memcheck", "decode-benchmark",
-                                                  "prefill-benchmark", "tests"]
+                                                  "prefill-benchmark", "tests", "ncu decode"]
     assert all(result.strip() == "ok" for _, result in rows)
     assert "- commit: abc1234" in report and "Stub GPU" in report
     assert "# decode stub report" in report and "# prefill stub report" in report
     assert "3 passed in 0.10s" in report
     # the device tool brings back at most 8 files a call
-    assert files == ["build.log", "decode-cuda.json", "memcheck.log", "prefill-cuda.json",
-                     "report.md", "tests.log"]
+    assert files == ["build.log", "decode-cuda.json", "memcheck.log", "ncu-decode.txt",
+                     "prefill-cuda.json", "report.md", "tests.log"]
+    profile = (tmp_path / "out" / "ncu-decode.txt").read_text()
+    assert "--kernel-name regex:attention_" in profile and "benchmarks.profile_case decode" in profile
 
 
 def test_a_hanging_suite_stops_within_the_budget_and_the_report_is_written(tmp_path):
@@ -109,6 +112,7 @@ def test_a_hanging_suite_stops_within_the_budget_and_the_report_is_written(tmp_p
     rows = dict((name.strip(), result.strip()) for name, result in step_rows(report))
     assert rows["tests"].startswith("FAILED (stopped at its limit")
     assert rows["decode-benchmark"] == rows["prefill-benchmark"] == "ok"
+    assert rows["ncu decode"] == "skipped: under 90 s of the budget left"
     assert "# decode stub report" in report
 
 
