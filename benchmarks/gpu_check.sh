@@ -45,7 +45,7 @@ export MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 REPORT="$OUT/report.md"
 BUDGET=${GAZE_CHECK_SECONDS:-570}
-REPORT_SECONDS=10  # kept at the end of the budget for the report
+REPORT_SECONDS=15  # kept at the end of the budget: a stopped step's 5 s of grace, the report
 step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and time
   local name=$1 limit=$2 log=$3; shift 3
   local left=$((BUDGET - REPORT_SECONDS - SECONDS))
@@ -55,10 +55,12 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: runs, records status and tim
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
-  timeout "$limit" "$@" > "$log" 2>&1
+  # TERM at the limit, KILL 5 s later (a process stuck in a hung kernel)
+  timeout -k 5 "$limit" "$@" > "$log" 2>&1
   local rc=$? result=ok
   [ $rc != 0 ] && result="FAILED (rc $rc)"
   [ $rc = 124 ] && result="FAILED (stopped at its limit, $limit s)"
+  [ $rc = 137 ] && result="FAILED (killed: 5 s past its limit of $limit s, or out of memory)"
   echo "| $name | $result | $((SECONDS - start)) s |" >> "$OUT/steps.md"
   return $rc
 }

@@ -19,7 +19,9 @@ echo "$*" >> "$STUB_CALLS"
 case "$*" in
   *"setup.py build_ext"*) echo built ;;
   *"import xdist"*) exit 0 ;;
-  *"-m pytest"*) [ -n "${STUB_TESTS_HANG:-}" ] && exec sleep 300; echo "3 passed in 0.10s" ;;
+  *"-m pytest"*)  # a hang that ignores SIGTERM, as a process stuck in a GPU kernel may
+    [ -n "${STUB_TESTS_HANG:-}" ] && { trap '' TERM; exec sleep 300; }
+    echo "3 passed in 0.10s" ;;
   *"-m benchmarks.sanitize_case"*) echo "sanitize case finished" ;;
   *"-m benchmarks.decode"* | *"-m benchmarks.prefill"*)
     name=$([[ "$*" == *benchmarks.decode* ]] && echo decode || echo prefill)
@@ -68,7 +70,8 @@ def run_check(tmp_path, *args, budget=None, tests_hang=False):
         os.killpg(check.pid, signal.SIGKILL)
         check.communicate()
         raise
-    assert not stderr, stderr
+    # (bash reports a step that timeout had to kill; nothing else may reach stderr)
+    assert not [line for line in stderr.splitlines() if " Killed " not in line], stderr
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
     report = (out / "report.md").read_text()
     return check.returncode, time.monotonic() - start, report, calls, sorted(os.listdir(out))
@@ -104,13 +107,13 @@ def test_full_check_runs_every_step_and_reports_them(tmp_path):
     assert "--kernel-name regex:attention_" in profile and "benchmarks.profile_case decode" in profile
 
 
-def test_a_hanging_suite_stops_within_the_budget_and_the_report_is_written(tmp_path):
-    budget = 16  # 10 s of it kept for the report: the suite gets what the other steps left
+def test_a_hanging_suite_is_killed_within_the_budget_and_the_report_is_written(tmp_path):
+    budget = 20  # 15 s of it kept for the report: the suite gets what the other steps left
     rc, seconds, report, _, _ = run_check(tmp_path, budget=budget, tests_hang=True)
     assert rc == 0  # the script's own status: the report says what failed
     assert seconds < budget
     rows = dict((name.strip(), result.strip()) for name, result in step_rows(report))
-    assert rows["tests"].startswith("FAILED (stopped at its limit")
+    assert rows["tests"].startswith("FAILED (killed: 5 s past its limit")
     assert rows["decode-benchmark"] == rows["prefill-benchmark"] == "ok"
     assert rows["ncu decode"] == "skipped: under 90 s of the budget left"
     assert "# decode stub report" in report
