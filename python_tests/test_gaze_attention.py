@@ -302,6 +302,28 @@ def test_cpu_backward_key_parts_match_one_thread(Hq, Hkv, Lq, sel, threads):
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
 
 
+def assert_float64_walk_matches_reference(inputs, args, threads, grad, grad_lse=None):
+    """gaze_attention of the float64 q, k, v `inputs` on `threads` CPU threads against the
+    reference: out, lse, and the gradients of q, k, v from `grad` (and `grad_lse` through
+    the finite lse) within rounding."""
+    def run(attention):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, lse = attention(*leaves, *args)
+        outputs, grads = [out], [grad]
+        if grad_lse is not None:
+            finite = torch.isfinite(lse)
+            outputs.append(torch.where(finite, lse, 0.0))
+            grads.append(torch.where(finite, grad_lse, 0.0))
+        torch.autograd.backward(outputs, grads)
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+    with cpu_threads(threads):
+        got = run(ops.gaze_attention)
+    for name, one, ref in zip(["out", "lse", "dq", "dk", "dv"], got, run(reference.gaze_attention)):
+        assert ref[ref.isfinite()].abs().sum() > 0, name
+        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("sel, threads", [("kv", 1), ("q", 1), ("kv", 3), ("q", 2)])
 def test_cpu_key_walks_in_row_chunks_match_reference(sel, threads):
     """With many query rows the CPU forward and backward walk keys, a head's rows in chunks:
@@ -318,20 +340,7 @@ def test_cpu_key_walks_in_row_chunks_match_reference(sel, threads):
     grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
     grad_lse = torch.randn(B, Hq, Lq, generator=gen, dtype=torch.float64)
     args = (*layout_args(layout, "cpu"), idx, q_pos)
-
-    def run(attention):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out, lse = attention(*leaves, *args)
-        finite = torch.isfinite(lse)
-        torch.autograd.backward([out, torch.where(finite, lse, 0.0)],
-                                [grad, torch.where(finite, grad_lse, 0.0)])
-        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
-
-    with cpu_threads(threads):
-        got = run(ops.gaze_attention)
-    for name, one, ref in zip(["out", "lse", "dq", "dk", "dv"], got, run(reference.gaze_attention)):
-        assert ref[ref.isfinite()].abs().sum() > 0, name
-        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
+    assert_float64_walk_matches_reference(inputs, args, threads, grad, grad_lse)
 
 
 @pytest.mark.parametrize("G, sel, threads", [(1, "kv", 1), (2, "kv", 2), (3, "kv", 1),
@@ -354,18 +363,7 @@ def test_cpu_key_walk_stacks_the_visits_of_few_heads(G, sel, threads):
               for s in qkv_shapes(B, Hq, Hkv, Lq, N, D)]
     grad = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
     args = (*layout_args(layout, "cpu"), idx, q_pos)
-
-    def run(attention):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out, lse = attention(*leaves, *args)
-        out.backward(grad)
-        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
-
-    with cpu_threads(threads):
-        got = run(ops.gaze_attention)
-    for name, one, ref in zip(["out", "lse", "dq", "dk", "dv"], got, run(reference.gaze_attention)):
-        assert ref[ref.isfinite()].abs().sum() > 0, name
-        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
+    assert_float64_walk_matches_reference(inputs, args, threads, grad)
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, sel, causal, threads", [
