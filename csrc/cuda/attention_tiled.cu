@@ -123,31 +123,51 @@ struct StepKeys {
   int32_t region[kTileKeys];      // -1: a fixed token (or no key)
   int32_t run[kTileKeys];         // the key's run
   int32_t run_region[kTileKeys];  // region of each run
-  int32_t seen[kTileKeys];        // some row sees the key
+  uint32_t seen[kTileKeys / 32];   // bit j % 32 of word j / 32: some row sees key j
+  uint32_t warp_blocks[kTileWarps];  // bit nb: some row of the warp sees a key of [8 nb, 8 nb + 8)
   int32_t num_runs;
+
+  __device__ bool sees(int j) const { return seen[j / 32] >> (j % 32) & 1u; }
 };
 
 static_assert(kTileRows == kTileKeys, "load_tile_rows fills query and key tiles alike");
 
-// A shared tile of 64 rows of D 16-bit elements (row stride D + kRowPad) from global
-// memory, 16 bytes per thread at a time: row r from row_source(r), zeros where it is null.
-// kAsync: the rows are copied with cp.async, as one group per thread (committed here);
-// they are in place after copy_async_wait and a barrier.
+// Calls f(r, c, at) for each 16-byte chunk this thread copies into a shared tile of 64
+// rows of D 16-bit elements (row stride D + kRowPad): chunk c (8 elements) of row r, at
+// element `at` of the tile. The tile's 8 D chunks are a whole number per thread
+// (D % 16 == 0), unrolled; where a thread's column is the same in every chunk (D = 64,
+// 128, 256) its rows and offsets step by constants.
+template <int D, typename F>
+__device__ __forceinline__ void for_each_tile_chunk(F f) {
+  constexpr int kChunks = D / 8, kStride = D + kRowPad;
+  static_assert(kTileRows * kChunks % kTileThreads == 0, "every thread copies as many chunks");
+  constexpr bool kFixedColumn = kTileThreads % kChunks == 0;
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kTileRows * kChunks / kTileThreads; ++i) {
+    const int x = tid + i * kTileThreads;
+    const int r = kFixedColumn ? tid / kChunks + i * (kTileThreads / kChunks) : x / kChunks;
+    const int c = kFixedColumn ? tid % kChunks : x % kChunks;
+    f(r, c, r * kStride + c * 8);
+  }
+}
+
+// A shared tile of 64 rows of D 16-bit elements from global memory, 16 bytes per thread
+// at a time: row r from row_source(r), zeros where it is null. kAsync: the rows are copied
+// with cp.async, as one group per thread (committed here); they are in place after
+// copy_async_wait and a barrier.
 template <int D, bool kAsync = false, typename RowSource>
 __device__ __forceinline__ void load_tile_rows(uint16_t* dst, RowSource row_source) {
-  constexpr int kChunks = D / 8, kStride = D + kRowPad;
-  for (int x = threadIdx.x; x < kTileRows * kChunks; x += kTileThreads) {
-    const int r = x / kChunks, c = x % kChunks;
+  for_each_tile_chunk<D>([&](int r, int c, int at) {
     const uint16_t* src = row_source(r);
-    uint16_t* chunk_dst = dst + r * kStride + c * 8;
     if (kAsync && src != nullptr) {
-      copy_async_16(chunk_dst, src + c * 8);
+      copy_async_16(dst + at, src + c * 8);
     } else {
       uint4 chunk = make_uint4(0, 0, 0, 0);
       if (src != nullptr) chunk = __ldg(reinterpret_cast<const uint4*>(src + c * 8));
-      *reinterpret_cast<uint4*>(chunk_dst) = chunk;
+      *reinterpret_cast<uint4*>(dst + at) = chunk;
     }
-  }
+  });
   if (kAsync) copy_async_commit();
 }
 
@@ -298,7 +318,8 @@ struct TileBlock {
       }
       step.pos[tid] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
       step.region[tid] = region;
-      step.seen[tid] = 0;
+      if (tid < kTileKeys / 32) step.seen[tid] = 0;
+      if (tid < kTileWarps) step.warp_blocks[tid] = 0;
     }
     __syncthreads();
     if (tid < 32) {  // runs: a key starts one when its region differs from the previous key's
@@ -324,6 +345,9 @@ struct TileBlock {
           region < 0 ? 1 : entry_count((uint64_t(position) << 32) | uint32_t(region), p.sort_size));
     }
     __syncthreads();
+    // A warp's 32 lanes take 32 keys of one position (kTileKeys and kTileThreads are
+    // multiples of 32): one ballot gives the keys it sees, added to the step's masks with
+    // an atomic per word by lane 0 (other warps and positions add to the same words).
     int seen = 0;
     for (int x = tid; x < p.positions * kTileKeys; x += kTileThreads) {
       const int position = x / kTileKeys, j = x % kTileKeys;
@@ -331,8 +355,16 @@ struct TileBlock {
       const int count = pos >= 0 && pos <= limits[position]
                             ? run_counts[position * kTileKeys + step.run[j]] : 0;
       step_weights[x] = uint16_t(count);
-      if (count > 0) {
-        atomicOr(&step.seen[j], 1);  // several threads may mark one key: no plain-store race
+      const uint32_t keys = __ballot_sync(0xFFFFFFFFu, count > 0);
+      if (keys != 0 && tid % 32 == 0) {
+        const int word = j / 32;
+        atomicOr(&step.seen[word], keys);
+        uint32_t blocks = 0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) blocks |= uint32_t((keys >> (8 * q) & 0xFFu) != 0) << (4 * word + q);
+        // the warps of the position's rows [position * heads, (position + 1) * heads)
+        const int last_warp = ((position + 1) * p.heads - 1) / 16;
+        for (int w = position * p.heads / 16; w <= last_warp; ++w) atomicOr(&step.warp_blocks[w], blocks);
         seen = 1;
       }
     }
@@ -364,35 +396,33 @@ struct TileBlock {
   __device__ void gather_keys(const void* src, const Strides4& s, int buf, uint16_t* dst) const {
     const StepKeys& step = steps[buf];
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src) + s.offset(b, kv_head, 0);
-    load_tile_rows<D, /*kAsync=*/true>(
-        dst, [&](int j) { return step.seen[j] ? base + step.pos[j] * s.row : nullptr; });
+    const uint64_t row_stride = uint64_t(s.row);
+    // (load_tile_rows' null-pointer test would be a 64-bit compare per row after the multiply;
+    // a seen key's position is in [0, N): an unsigned product needs no sign extension)
+    const uint64_t seen = uint64_t(step.seen[1]) << 32 | step.seen[0];
+    static_assert(kTileKeys == 64, "a step's seen keys are one 64-bit mask");
+    for_each_tile_chunk<D>([&](int j, int c, int at) {
+      if (seen >> j & 1u) {
+        copy_async_16(dst + at, base + c * 8 + uint32_t(step.pos[j]) * row_stride);
+      } else {
+        *reinterpret_cast<uint4*>(dst + at) = make_uint4(0, 0, 0, 0);
+      }
+    });
+    copy_async_commit();
   }
 
   // The multiplicity of step buf's key j for this thread's row of selection `sel` (-1: none).
   __device__ int weight(int buf, int sel, int j) const {
     return sel >= 0 ? weights[buf * weights_size + sel * kTileKeys + j] : 0;
   }
+  // The multiplicities of keys j and j + 1 (j even), in the low and high 16 bits: one load.
+  __device__ uint32_t weight_pair(int buf, int sel, int j) const {
+    return sel >= 0 ? *reinterpret_cast<const uint32_t*>(weights + buf * weights_size + sel * kTileKeys + j) : 0u;
+  }
 
   // Step buf's key blocks (bit nb: keys [8 nb, 8 nb + 8)) that some row of `warp` sees;
   // the warp skips the products of the others, whose P and dS are zero for its rows.
-  // After step_keys; the whole (active) warp calls it.
-  __device__ uint32_t warp_key_blocks(const TileParams& p, int warp, int buf) const {
-    const uint16_t* step_weights = weights + buf * weights_size;
-    const int lane = threadIdx.x % 32;
-    const int first = warp * 16 / p.heads, last = (min(rows, warp * 16 + 16) - 1) / p.heads;
-    bool low = false, high = false;  // keys lane and lane + 32
-    for (int position = first; position <= last; ++position) {
-      low |= step_weights[position * kTileKeys + lane] != 0;
-      high |= step_weights[position * kTileKeys + lane + 32] != 0;
-    }
-    const uint32_t keys[2] = {__ballot_sync(0xFFFFFFFFu, low), __ballot_sync(0xFFFFFFFFu, high)};
-    uint32_t blocks = 0;
-#pragma unroll
-    for (int nb = 0; nb < kKeyBlocks; ++nb) {
-      if ((keys[nb / 4] >> (8 * (nb % 4))) & 0xFFu) blocks |= 1u << nb;
-    }
-    return blocks;
-  }
+  __device__ uint32_t warp_key_blocks(int warp, int buf) const { return steps[buf].warp_blocks[warp]; }
 };
 
 template <int N>
@@ -429,6 +459,53 @@ __device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const
       load_b_fragments_n_major(keys_tile + nb * 8 * kStride + kk * 16, kStride, bk);
       if (blocks & (1u << nb)) mma_16x8x16<T>(acc[nb], a, {bk[0], bk[1]});
       if (blocks & (2u << nb)) mma_16x8x16<T>(acc[nb + 1], a, {bk[2], bk[3]});
+    }
+  }
+}
+
+// The A fragments of rows [row0, row0 + 16) of a shared tile over all of D, for a
+// product that every step repeats (S = Q K^T in the forward keeps Q in registers).
+template <int D>
+__device__ __forceinline__ void load_row_fragments(const uint16_t* rows_tile, int row0,
+                                                   uint32_t (&a)[D / 16][4]) {
+  constexpr int kStride = D + kRowPad;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a_fragment(rows_tile + row0 * kStride + kk * 16, kStride, a[kk]);
+}
+
+// Key blocks nb (kFirst) and nb + 1 (kSecond) of rows_times_keys, over all of D.
+template <typename T, int D, bool kFirst, bool kSecond>
+__device__ __forceinline__ void fragments_times_key_pair(const uint32_t (&rows)[D / 16][4],
+                                                         const uint16_t* keys_tile, int nb,
+                                                         float (&acc)[kKeyBlocks][4]) {
+  constexpr int kStride = D + kRowPad;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bk[4];  // key blocks nb and nb + 1
+    load_b_fragments_n_major(keys_tile + nb * 8 * kStride + kk * 16, kStride, bk);
+    if (kFirst) mma_16x8x16<T>(acc[nb], rows[kk], {bk[0], bk[1]});
+    if (kSecond) mma_16x8x16<T>(acc[nb + 1], rows[kk], {bk[2], bk[3]});
+  }
+}
+
+// rows_times_keys with the rows' A fragments in registers (load_row_fragments). The tests
+// of `blocks` sit outside the loop over D: a branch per pair of key blocks, where testing
+// inside it cost one per pair and 16 columns (the forward's step issued ~200 instructions
+// of branches and bit tests for its 64 mma.sync).
+template <typename T, int D>
+__device__ __forceinline__ void fragments_times_keys(const uint32_t (&rows)[D / 16][4],
+                                                     const uint16_t* keys_tile, uint32_t blocks,
+                                                     float (&acc)[kKeyBlocks][4]) {
+  zero_fragments(acc);
+#pragma unroll
+  for (int nb = 0; nb < kKeyBlocks; nb += 2) {
+    const uint32_t pair = (blocks >> nb) & 3u;
+    if (pair == 3u) {
+      fragments_times_key_pair<T, D, true, true>(rows, keys_tile, nb, acc);
+    } else if (pair == 1u) {
+      fragments_times_key_pair<T, D, true, false>(rows, keys_tile, nb, acc);
+    } else if (pair == 2u) {
+      fragments_times_key_pair<T, D, false, true>(rows, keys_tile, nb, acc);
     }
   }
 }
@@ -535,6 +612,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   TileBlock<D> tb(p, smem, steps, /*backward=*/false);
   tb.load_rows(p, p.q, p.qs, tb.tile_q);
   tb.build_union(p, limits, warp_totals);
+  uint32_t q_fragments[D / 16][4];  // this warp's 16 rows of Q, for every step's S = Q K^T
+  load_row_fragments<D>(tb.tile_q, threadIdx.x / 32 * 16, q_fragments);  // after build_union's barriers
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane % 4;
   const bool warp_active = warp * 16 < tb.rows;
@@ -554,19 +633,22 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
     __syncthreads();  // the step's K rows are in; every warp is done with the V tile
     tb.gather_keys(p.v, p.vs, buf, tb.tile_v);
 
-    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp, buf) : 0u;
+    const uint32_t blocks = warp_active ? tb.warp_key_blocks(warp, buf) : 0u;
     float s[kKeyBlocks][4];
     if (blocks != 0) {  // else no row of this warp sees a key of the step: nothing changes
-      rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
+      fragments_times_keys<T, D>(q_fragments, tb.tile_k, blocks, s);
       // multiplicities and the online softmax (h: row[h], elements 2h and 2h + 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        uint32_t counts[kKeyBlocks];  // this thread's two keys of each block, 16 bits each
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) counts[nb] = tb.weight_pair(buf, sel[h], nb * 8 + 2 * t4);
         float step_max = kNegInf;
 #pragma unroll
         for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const bool on = tb.weight(buf, sel[h], nb * 8 + 2 * t4 + c) > 0;
+            const bool on = (counts[nb] >> (16 * c) & 0xFFFFu) != 0;
             const float x = on ? s[nb][2 * h + c] * p.score_scale : kNegInf;
             s[nb][2 * h + c] = x;
             step_max = fmaxf(step_max, x);
@@ -583,7 +665,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
         for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const int count = tb.weight(buf, sel[h], nb * 8 + 2 * t4 + c);
+            const uint32_t count = counts[nb] >> (16 * c) & 0xFFFFu;
             const float pj = count > 0 ? float(count) * exp2_approx(s[nb][2 * h + c] - safe) : 0.f;
             s[nb][2 * h + c] = pj;
             sum += pj;
@@ -635,7 +717,6 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
   __shared__ StepKeys steps[2];
   __shared__ int32_t limits[kTileRows];
   __shared__ int32_t warp_totals[kTileWarps];
-  __shared__ uint32_t warp_blocks[kTileWarps];  // each warp's warp_key_blocks this step
   TileBlock<D> tb(p, smem, steps, /*backward=*/true);
   tb.load_rows(p, p.q, p.qs, tb.tile_q);
   tb.load_rows(p, p.grad_out, p.gs, tb.tile_grad);
@@ -675,8 +756,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
     copy_async_wait<1>();
     __syncthreads();  // the step's K rows are in; every warp is done with the P and dS tiles
 
-    const uint32_t blocks = warp_active ? tb.warp_key_blocks(p, warp, buf) : 0u;
-    if (lane == 0) warp_blocks[warp] = blocks;
+    const uint32_t blocks = warp_active ? tb.warp_key_blocks(warp, buf) : 0u;
     float s[kKeyBlocks][4];
     if (warp_active) rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
     copy_async_wait<0>();
@@ -710,10 +790,10 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
       for (int pass = 0; pass < 2; ++pass) {
         zero_fragments(grad_keys);
         keys_times_rows<T, D>(pass == 0 ? tb.tile_probs : tb.tile_dscores,
-                              pass == 0 ? tb.tile_grad : tb.tile_q, key0, warp_blocks, grad_keys);
+                              pass == 0 ? tb.tile_grad : tb.tile_q, key0, step.warp_blocks, grad_keys);
         add_key_rows<D>(pass == 0 ? p.dv : p.dk, kv_row0, key0, grad_keys, pass == 0 ? 1.f : scale,
                         [&](int j) {
-                          const bool here = step.seen[j] && !(p.region_keys_elsewhere && step.region[j] >= 0);
+                          const bool here = step.sees(j) && !(p.region_keys_elsewhere && step.region[j] >= 0);
                           return here ? step.pos[j] : -1;
                         });
       }
