@@ -818,6 +818,24 @@ def test_tensor_core_kernels_with_every_slot_taken(sim, monkeypatch):
                                      bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
 
 
+def test_tensor_core_kernels_with_empty_regions_between_one_key_regions(sim, monkeypatch):
+    """300 regions, every other one empty and the others one key each, all selected: a step
+    of 64 keys (some fixed tokens first) would reach ~128 selected regions if the tile's
+    union kept the empty ones, twice the runs a step holds multiplicities for."""
+    gen = generator(16)
+    B, Hq, Hkv, Lq, N, D, R = 1, 4, 1, 16, 200, 64, 300
+    sizes = torch.arange(R) % 2
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).int()
+    tokens = torch.randperm(N - 40, generator=gen)[:R // 2].int() + 40
+    fixed = torch.arange(0, 40, 3, dtype=torch.int32)
+    layout = gaze_ext.layout.GazeLayout(ptr, tokens, torch.zeros(R, dtype=torch.int32), fixed, N)
+    idx = torch.stack([torch.randperm(R, generator=gen) for _ in range(B * Hkv * Lq)])
+    idx = idx.view(B, Hkv, Lq, R).int()
+    q_pos = q_positions(gen, B, Lq, N, low=N // 2)
+    assert_tensor_core_matches_split(sim, monkeypatch, gen, layout, idx, q_pos,
+                                     bf16_qkv(gen, B, Hq, Hkv, Lq, N, D))
+
+
 def test_tensor_core_backward_with_fixed_keys_seen_in_one_block_of_a_pair(sim, monkeypatch):
     """Fixed tokens ordered so that in every 16 keys of a step the first 8 are past every
     query's causal limit and the last 8 before it: dK/dV = P^T dO, dS^T Q of each warp's key

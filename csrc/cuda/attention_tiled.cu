@@ -8,19 +8,21 @@
 //
 //   1. Setup (build_union): the slots of the tile's selections become
 //      (position, region) entries, the contract's rules applied (slot_taken),
-//      sorted; their distinct regions, ascending, are the tile's *union*.
+//      sorted; their distinct regions with keys, ascending, are the tile's *union*.
 //   2. The tile's keys are the fixed tokens, then the tokens of the union, in
-//      steps of kTileKeys (step_keys). Each step finds its keys' positions, then
+//      steps of kTileKeys (step_keys). Each step finds its keys' positions and
 //      the multiplicity of each key for each position's query: 1 for a fixed
 //      token, the number of times its region was taken for a region token (looked
-//      up once per run of keys from one region), 0 past the causal limit or
-//      outside [0, N). A step that no row sees is skipped: fixed tokens past the
-//      tile's causal limits cost no matrix math.
+//      up once per union region the step reaches), 0 past the causal limit or
+//      outside [0, N); then which keys, and which 8-key blocks of each warp, some
+//      row sees. A step that no row sees is skipped: fixed tokens past the tile's
+//      causal limits cost no matrix math.
 //   3. The step's K and V rows are gathered into shared memory with cp.async, and
 //      each warp runs its 16 rows against them with mma.sync m16n8k16 (fp16/bf16 in,
 //      fp32 accumulate; fragments loaded with ldmatrix), the multiplicities weighting
-//      the softmax. The gathers overlap the products: the forward gathers a step's V
-//      rows during S = Q K^T and the next step's K rows during O += P V (steps and
+//      the softmax; a warp skips the key blocks its rows do not see. The gathers
+//      overlap the products: the forward gathers a step's V rows during S = Q K^T
+//      (Q in registers) and the next step's K rows during O += P V (steps and
 //      multiplicities are double-buffered for this; the K/V tiles are not).
 // Forward: S = Q K^T, online softmax in registers, O += P V (P rounded to the
 // input type, as in FlashAttention). Backward: S and dP = dO V^T recomputed,
@@ -91,8 +93,6 @@ struct TileSmemLayout {
   int64_t union_begin;   // int32 [sort_size]: union region's first index into region_tokens
   int64_t union_offset;  // int32 [sort_size]: union region's first key in the union's key list
   int64_t weights;       // uint16 [2][positions][kTileKeys]: two steps' multiplicities
-  int64_t run_counts;    // uint16 [positions][kTileKeys]: multiplicity per run of the step;
-                         // aliases the K tile, whose next rows are gathered after step_keys
   int64_t total;
 };
 
@@ -111,21 +111,20 @@ GAZE_HD TileSmemLayout tile_smem_layout(int D, int sort_size, int positions, boo
   s.union_begin = s.union_id + 4 * int64_t(sort_size);
   s.union_offset = s.union_begin + 4 * int64_t(sort_size);
   s.weights = s.union_offset + 4 * int64_t(sort_size);
-  s.run_counts = s.k;  // 2 * positions * kTileKeys <= tile bytes: positions <= kTileRows
   s.total = s.weights + 2 * 2 * int64_t(positions) * kTileKeys;
   return s;
 }
 
-// The current step's keys (static shared memory). Consecutive keys of one region
-// form a *run*; multiplicities are looked up once per (position, run).
+// The current step's keys (static shared memory). A step's *runs* are its fixed tokens
+// (run 0, when it has any), then one per union region it reaches, in order; the union
+// holds no empty region, so a step has at most kTileKeys runs. Multiplicities are looked
+// up once per (position, run).
 struct StepKeys {
   int32_t pos[kTileKeys];         // -1: no key
   int32_t region[kTileKeys];      // -1: a fixed token (or no key)
-  int32_t run[kTileKeys];         // the key's run
-  int32_t run_region[kTileKeys];  // region of each run
+  int32_t run[kTileKeys];         // the key's run (any, when it has no key)
   uint32_t seen[kTileKeys / 32];   // bit j % 32 of word j / 32: some row sees key j
   uint32_t warp_blocks[kTileWarps];  // bit nb: some row of the warp sees a key of [8 nb, 8 nb + 8)
-  int32_t num_runs;
 
   __device__ bool sees(int j) const { return seen[j / 32] >> (j % 32) & 1u; }
 };
@@ -188,6 +187,9 @@ struct TileBlock {
   StepKeys* steps;
   uint16_t* weights;  // of step buf at weights + buf * weights_size (an index: no local array)
   int weights_size;
+  // [positions][kTileKeys]: multiplicity per (position, run) of the step being found. The
+  // forward's Q tile (its Q is in registers by then); the backward's K tile (next_step runs
+  // after every warp is done with it, before the next step's rows are gathered).
   uint16_t* run_counts;
   int num_union, num_keys;  // after build_union
 
@@ -216,7 +218,8 @@ struct TileBlock {
     union_offset = reinterpret_cast<int32_t*>(smem + L.union_offset);
     weights = reinterpret_cast<uint16_t*>(smem + L.weights);
     weights_size = p.positions * kTileKeys;
-    run_counts = reinterpret_cast<uint16_t*>(smem + L.run_counts);
+    run_counts = backward ? tile_k : tile_q;
+    static_assert(kTileKeys <= D + kRowPad, "run_counts fits a tile: positions <= kTileRows");
   }
 
   // Row r of the tile in a [B, H, Lq, D] tensor.
@@ -254,10 +257,12 @@ struct TileBlock {
     __syncthreads();
     block_bitonic_sort</*kDescending=*/false>(entries, p.sort_size);
 
-    // the distinct regions, ascending
+    // the distinct regions with keys, ascending (an empty region adds no key: left out,
+    // every union region has a key, so a step reaches at most kTileKeys of them)
     constexpr int32_t kNone = 0x7FFFFFFF;
     for (int e = threadIdx.x; e < p.sort_size; e += kTileThreads) {
-      union_id[e] = entries[e] == ~0ull ? kNone : int32_t(uint32_t(entries[e]));
+      const int32_t region = int32_t(uint32_t(entries[e]));
+      union_id[e] = entries[e] == ~0ull || layout.region(b, region).size() == 0 ? kNone : region;
     }
     __syncthreads();
     block_bitonic_sort</*kDescending=*/false>(union_id, p.sort_size);
@@ -288,61 +293,64 @@ struct TileBlock {
     return min(k0, int64_t(num_keys));
   }
 
-  // Step 2 for the keys [k0, k0 + kTileKeys): their positions, regions and runs into
-  // steps[buf], the multiplicities into step buf's weights. Returns whether any row sees any key;
-  // ends with a barrier. Writes steps[buf] before its first barrier, run_counts (the K tile)
-  // after it.
+  // The union region of union key w (a key past the fixed tokens): the last one whose first
+  // key is <= w, searched in [lo, hi].
+  __device__ int union_of_key(int w, int lo, int hi) const {
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (union_offset[mid] <= w) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+
+  // Step 2 for the keys [k0, k0 + kTileKeys), k0 < num_keys: their positions, regions and
+  // runs into steps[buf], the multiplicities into step buf's weights. Returns whether any
+  // row sees any key; ends with a barrier. Every thread finds the step's runs by itself (two
+  // searches of the union), so the multiplicity lookups per (position, run) go before the
+  // one barrier in the middle, with the keys' positions. Writes steps[buf] and run_counts
+  // before that barrier.
   __device__ bool step_keys(const TileParams& p, int64_t k0, const int32_t* limits, int buf) const {
     StepKeys& step = steps[buf];
     uint16_t* step_weights = weights + buf * weights_size;
     const LayoutView& layout = p.layout;
     const int tid = threadIdx.x;
+    const int num_fixed = layout.num_fixed;
+    const int end = int(min(k0 + kTileKeys, int64_t(num_keys)));
+    const int fixed_runs = k0 < num_fixed ? 1 : 0;
+    int first_union = 0, last_union = -1;  // the union regions of the step's other keys
+    if (end > num_fixed) {
+      first_union = union_of_key(int(max(k0, int64_t(num_fixed))) - num_fixed, 0, num_union - 1);
+      last_union = union_of_key(end - 1 - num_fixed, first_union, num_union - 1);
+    }
+    const int num_runs = fixed_runs + last_union - first_union + 1;  // <= kTileKeys
     if (tid < kTileKeys) {
       const int64_t e = k0 + tid;
-      int32_t pos = -1, region = -1;
-      if (e < layout.num_fixed) {
+      int32_t pos = -1, region = -1, run = 0;
+      if (e < num_fixed) {
         pos = layout.fixed(b)[e];
-      } else if (e < num_keys) {
-        const int w = int(e - layout.num_fixed);
-        int lo = 0, hi = num_union - 1;  // the last union region whose first key is <= w
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) / 2;
-          if (union_offset[mid] <= w) {
-            lo = mid;
-          } else {
-            hi = mid - 1;
-          }
-        }
-        pos = layout.region_token(b, union_begin[lo] + (w - union_offset[lo]));
-        region = union_id[lo];
+      } else if (e < end) {
+        const int w = int(e) - num_fixed;
+        const int u = union_of_key(w, first_union, last_union);
+        pos = layout.region_token(b, union_begin[u] + (w - union_offset[u]));
+        region = union_id[u];
+        run = fixed_runs + u - first_union;
       }
       step.pos[tid] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
       step.region[tid] = region;
+      step.run[tid] = run;
       if (tid < kTileKeys / 32) step.seen[tid] = 0;
       if (tid < kTileWarps) step.warp_blocks[tid] = 0;
     }
-    __syncthreads();
-    if (tid < 32) {  // runs: a key starts one when its region differs from the previous key's
-      int runs = 0;
-#pragma unroll
-      for (int half = 0; half < kTileKeys / 32; ++half) {
-        const int j = half * 32 + tid;
-        const bool starts = j == 0 || step.region[j] != step.region[j - 1];
-        const uint32_t starts_mask = __ballot_sync(0xFFFFFFFFu, starts);
-        const uint32_t up_to_lane = tid == 31 ? 0xFFFFFFFFu : (2u << tid) - 1;
-        const int run = runs + __popc(starts_mask & up_to_lane) - 1;
-        step.run[j] = run;
-        if (starts) step.run_region[run] = step.region[j];
-        runs += __popc(starts_mask);
-      }
-      if (tid == 0) step.num_runs = runs;
-    }
-    __syncthreads();
-    for (int x = tid; x < p.positions * step.num_runs; x += kTileThreads) {
-      const int position = x / step.num_runs, r = x % step.num_runs;
-      const int32_t region = step.run_region[r];
+    for (int x = tid; x < p.positions * num_runs; x += kTileThreads) {
+      const int position = x / num_runs, r = x % num_runs;
       run_counts[position * kTileKeys + r] = uint16_t(
-          region < 0 ? 1 : entry_count((uint64_t(position) << 32) | uint32_t(region), p.sort_size));
+          r < fixed_runs ? 1
+                         : entry_count((uint64_t(position) << 32) | uint32_t(union_id[first_union + r - fixed_runs]),
+                                       p.sort_size));
     }
     __syncthreads();
     // A warp's 32 lanes take 32 keys of one position (kTileKeys and kTileThreads are
@@ -614,6 +622,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   tb.build_union(p, limits, warp_totals);
   uint32_t q_fragments[D / 16][4];  // this warp's 16 rows of Q, for every step's S = Q K^T
   load_row_fragments<D>(tb.tile_q, threadIdx.x / 32 * 16, q_fragments);  // after build_union's barriers
+  __syncthreads();  // every warp has its Q: the Q tile holds run_counts from here
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane % 4;
   const bool warp_active = warp * 16 < tb.rows;
@@ -680,11 +689,10 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
       }
     }
 
-    // The next step (its barriers: every warp is done with the K tile, which run_counts
-    // aliases), then this step's V rows.
+    // The next step's keys, then this step's V rows.
     const int64_t next = tb.next_step(p, k0 + kTileKeys, limits, buf ^ 1);
     copy_async_wait<0>();
-    __syncthreads();  // the V rows are in
+    __syncthreads();  // the V rows are in; every warp is done with the K tile
     if (next < tb.num_keys) tb.gather_keys(p.k, p.ks, buf ^ 1, tb.tile_k);
     if (blocks != 0) probs_times_keys<T, D>(s, blocks, tb.tile_v, acc);
     k0 = next;
