@@ -449,11 +449,11 @@ __device__ __forceinline__ void zero_fragments(float (&acc)[N][4]) {
 static_assert(kKeyBlocks % 2 == 0, "key blocks are loaded in pairs");
 
 // acc[nb] = rows [row0, row0 + 16) of `rows_tile` times the kTileKeys rows of
-// `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T; only
-// the key blocks in `blocks` (warp_key_blocks), zeros for the others.
+// `keys_tile`, transposed: (16 x D) . (D x 64), every key block (the key-major pass, whose
+// rows all selected the step's region).
 template <typename T, int D>
-__device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const uint16_t* keys_tile,
-                                                int row0, uint32_t blocks, float (&acc)[kKeyBlocks][4]) {
+__device__ __forceinline__ void rows_times_all_keys(const uint16_t* rows_tile, const uint16_t* keys_tile,
+                                                    int row0, float (&acc)[kKeyBlocks][4]) {
   constexpr int kStride = D + kRowPad;
   zero_fragments(acc);
 #pragma unroll
@@ -462,58 +462,72 @@ __device__ __forceinline__ void rows_times_keys(const uint16_t* rows_tile, const
     load_a_fragment(rows_tile + row0 * kStride + kk * 16, kStride, a);
 #pragma unroll
     for (int nb = 0; nb < kKeyBlocks; nb += 2) {
-      if (((blocks >> nb) & 3u) == 0) continue;
       uint32_t bk[4];  // key blocks nb and nb + 1
       load_b_fragments_n_major(keys_tile + nb * 8 * kStride + kk * 16, kStride, bk);
-      if (blocks & (1u << nb)) mma_16x8x16<T>(acc[nb], a, {bk[0], bk[1]});
-      if (blocks & (2u << nb)) mma_16x8x16<T>(acc[nb + 1], a, {bk[2], bk[3]});
+      mma_16x8x16<T>(acc[nb], a, {bk[0], bk[1]});
+      mma_16x8x16<T>(acc[nb + 1], a, {bk[2], bk[3]});
     }
   }
 }
 
-// The A fragments of rows [row0, row0 + 16) of a shared tile over all of D, for a
-// product that every step repeats (S = Q K^T in the forward keeps Q in registers).
+// A warp's 16 rows as A fragments, one 16-column slice kk of D at a time, for
+// rows_times_keys: from a shared tile at each call, or from registers.
 template <int D>
-__device__ __forceinline__ void load_row_fragments(const uint16_t* rows_tile, int row0,
-                                                   uint32_t (&a)[D / 16][4]) {
-  constexpr int kStride = D + kRowPad;
+struct SharedRows {
+  const uint16_t* rows;  // the warp's first row in a shared tile
+  __device__ void operator()(int kk, uint32_t (&a)[4]) const {
+    load_a_fragment(rows + kk * 16, D + kRowPad, a);
+  }
+};
+template <int D>
+struct RowFragments {
+  uint32_t a[D / 16][4];
+  // rows [row0, row0 + 16) of a shared tile over all of D (the forward keeps Q so)
+  __device__ void load(const uint16_t* rows_tile, int row0) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a_fragment(rows_tile + row0 * kStride + kk * 16, kStride, a[kk]);
-}
+    for (int kk = 0; kk < D / 16; ++kk) SharedRows<D>{rows_tile + row0 * (D + kRowPad)}(kk, a[kk]);
+  }
+  __device__ void operator()(int kk, uint32_t (&out)[4]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = a[kk][i];
+  }
+};
 
 // Key blocks nb (kFirst) and nb + 1 (kSecond) of rows_times_keys, over all of D.
-template <typename T, int D, bool kFirst, bool kSecond>
-__device__ __forceinline__ void fragments_times_key_pair(const uint32_t (&rows)[D / 16][4],
-                                                         const uint16_t* keys_tile, int nb,
-                                                         float (&acc)[kKeyBlocks][4]) {
+template <typename T, int D, bool kFirst, bool kSecond, typename Rows>
+__device__ __forceinline__ void rows_times_key_pair(const Rows& rows, const uint16_t* keys_tile, int nb,
+                                                    float (&acc)[kKeyBlocks][4]) {
   constexpr int kStride = D + kRowPad;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t bk[4];  // key blocks nb and nb + 1
+    uint32_t a[4], bk[4];  // bk: key blocks nb and nb + 1
+    rows(kk, a);
     load_b_fragments_n_major(keys_tile + nb * 8 * kStride + kk * 16, kStride, bk);
-    if (kFirst) mma_16x8x16<T>(acc[nb], rows[kk], {bk[0], bk[1]});
-    if (kSecond) mma_16x8x16<T>(acc[nb + 1], rows[kk], {bk[2], bk[3]});
+    if (kFirst) mma_16x8x16<T>(acc[nb], a, {bk[0], bk[1]});
+    if (kSecond) mma_16x8x16<T>(acc[nb + 1], a, {bk[2], bk[3]});
   }
 }
 
-// rows_times_keys with the rows' A fragments in registers (load_row_fragments). The tests
-// of `blocks` sit outside the loop over D: a branch per pair of key blocks, where testing
-// inside it cost one per pair and 16 columns (the forward's step issued ~200 instructions
-// of branches and bit tests for its 64 mma.sync).
-template <typename T, int D>
-__device__ __forceinline__ void fragments_times_keys(const uint32_t (&rows)[D / 16][4],
-                                                     const uint16_t* keys_tile, uint32_t blocks,
-                                                     float (&acc)[kKeyBlocks][4]) {
+// acc[nb] = a warp's 16 rows (SharedRows or RowFragments) times the kTileKeys rows of
+// `keys_tile`, transposed: (16 x D) . (D x 64), for S = Q K^T and dP = dO V^T; only the key
+// blocks in `blocks` (warp_key_blocks), zeros for the others. The tests of `blocks` sit
+// outside the loop over D, one branch per pair of key blocks: tested inside it, once per
+// pair and 16 columns, they cost the forward's step ~200 instructions of branches and bit
+// tests (and a WARPSYNC per mma.sync) for its 64 mma.sync. Rows from shared memory are
+// loaded once per pair of key blocks that some row sees.
+template <typename T, int D, typename Rows>
+__device__ __forceinline__ void rows_times_keys(const Rows& rows, const uint16_t* keys_tile, uint32_t blocks,
+                                                float (&acc)[kKeyBlocks][4]) {
   zero_fragments(acc);
 #pragma unroll
   for (int nb = 0; nb < kKeyBlocks; nb += 2) {
     const uint32_t pair = (blocks >> nb) & 3u;
     if (pair == 3u) {
-      fragments_times_key_pair<T, D, true, true>(rows, keys_tile, nb, acc);
+      rows_times_key_pair<T, D, true, true>(rows, keys_tile, nb, acc);
     } else if (pair == 1u) {
-      fragments_times_key_pair<T, D, true, false>(rows, keys_tile, nb, acc);
+      rows_times_key_pair<T, D, true, false>(rows, keys_tile, nb, acc);
     } else if (pair == 2u) {
-      fragments_times_key_pair<T, D, false, true>(rows, keys_tile, nb, acc);
+      rows_times_key_pair<T, D, false, true>(rows, keys_tile, nb, acc);
     }
   }
 }
@@ -620,8 +634,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   TileBlock<D> tb(p, smem, steps, /*backward=*/false);
   tb.load_rows(p, p.q, p.qs, tb.tile_q);
   tb.build_union(p, limits, warp_totals);
-  uint32_t q_fragments[D / 16][4];  // this warp's 16 rows of Q, for every step's S = Q K^T
-  load_row_fragments<D>(tb.tile_q, threadIdx.x / 32 * 16, q_fragments);  // after build_union's barriers
+  RowFragments<D> q_rows;  // this warp's 16 rows of Q, for every step's S = Q K^T
+  q_rows.load(tb.tile_q, threadIdx.x / 32 * 16);  // after build_union's barriers
   __syncthreads();  // every warp has its Q: the Q tile holds run_counts from here
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane % 4;
@@ -645,7 +659,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
     const uint32_t blocks = warp_active ? tb.warp_key_blocks(warp, buf) : 0u;
     float s[kKeyBlocks][4];
     if (blocks != 0) {  // else no row of this warp sees a key of the step: nothing changes
-      fragments_times_keys<T, D>(q_fragments, tb.tile_k, blocks, s);
+      rows_times_keys<T, D>(q_rows, tb.tile_k, blocks, s);
       // multiplicities and the online softmax (h: row[h], elements 2h and 2h + 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -737,6 +751,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
   const AttentionShape& S = p.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const bool warp_active = warp * 16 < tb.rows;
+  const uint16_t* q_tile_rows = tb.tile_q + warp * 16 * (D + kRowPad);  // this warp's rows
+  const uint16_t* grad_tile_rows = tb.tile_grad + warp * 16 * (D + kRowPad);
   const int row[2] = {warp * 16 + g, warp * 16 + g + 8};
   const int sel[2] = {row[0] < tb.rows ? row[0] / p.heads : -1, row[1] < tb.rows ? row[1] / p.heads : -1};
   float lse2[2], delta[2];  // per row: lse in base 2 (-inf: no keys, P = 0), delta
@@ -766,12 +782,12 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
 
     const uint32_t blocks = warp_active ? tb.warp_key_blocks(warp, buf) : 0u;
     float s[kKeyBlocks][4];
-    if (warp_active) rows_times_keys<T, D>(tb.tile_q, tb.tile_k, warp * 16, blocks, s);
+    if (warp_active) rows_times_keys<T, D>(SharedRows<D>{q_tile_rows}, tb.tile_k, blocks, s);
     copy_async_wait<0>();
     __syncthreads();  // the V rows are in
     if (warp_active) {  // idle rows' P and dS stay zero from the start
       float dp[kKeyBlocks][4];
-      rows_times_keys<T, D>(tb.tile_grad, tb.tile_v, warp * 16, blocks, dp);
+      rows_times_keys<T, D>(SharedRows<D>{grad_tile_rows}, tb.tile_v, blocks, dp);
       // P and dS (with multiplicities) to shared memory for dV, dK
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -935,10 +951,10 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
       __syncthreads();  // K, V and the chunk's dO rows are in (its Q rows may still fly)
       // this warp's 16 rows: P = 2^(S - lse) where the key is visible, dS = P (dP - delta)
       float s[kKeyBlocks][4], dp[kKeyBlocks][4];
-      rows_times_keys<T, D>(tile_grad, tile_v, warp * 16, 0xFFu, dp);
+      rows_times_all_keys<T, D>(tile_grad, tile_v, warp * 16, dp);
       copy_async_wait<0>();
       __syncthreads();  // the Q rows are in
-      rows_times_keys<T, D>(tile_q, tile_k, warp * 16, 0xFFu, s);
+      rows_times_all_keys<T, D>(tile_q, tile_k, warp * 16, s);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = warp * 16 + g + 8 * h;
