@@ -353,30 +353,54 @@ struct TileBlock {
                                        p.sort_size));
     }
     __syncthreads();
-    // A warp's 32 lanes take 32 keys of one position (kTileKeys and kTileThreads are
-    // multiples of 32): one ballot gives the keys it sees, added to the step's masks with
-    // an atomic per word by lane 0 (other warps and positions add to the same words).
-    int seen = 0;
-    for (int x = tid; x < p.positions * kTileKeys; x += kTileThreads) {
-      const int position = x / kTileKeys, j = x % kTileKeys;
-      const int32_t pos = step.pos[j];
-      const int count = pos >= 0 && pos <= limits[position]
-                            ? run_counts[position * kTileKeys + step.run[j]] : 0;
-      step_weights[x] = uint16_t(count);
-      const uint32_t keys = __ballot_sync(0xFFFFFFFFu, count > 0);
-      if (keys != 0 && tid % 32 == 0) {
-        const int word = j / 32;
-        atomicOr(&step.seen[word], keys);
-        uint32_t blocks = 0;
+    // A warp takes whole positions, a lane keys 2 lane and 2 lane + 1 (one 32-bit store of
+    // their multiplicities). The warp's ballots add up in registers over its positions;
+    // lane 0 adds them to the step's masks once: the keys seen, and for each tile warp the
+    // keys its rows see (a position's rows [position heads, (position + 1) heads) may span
+    // two or more warps).
+    static_assert(kTileKeys == 64 && kTileThreads % 32 == 0, "a lane takes two keys");
+    const int lane = tid % 32, key0 = 2 * lane;
+    const int32_t pos0 = step.pos[key0], pos1 = step.pos[key0 + 1];
+    const int32_t run0 = step.run[key0], run1 = step.run[key0 + 1];
+    uint32_t seen_even = 0, seen_odd = 0;   // bit l: some row sees key 2 l (2 l + 1)
+    uint32_t warp_lanes[kTileWarps] = {};   // bit l: a row of warp w sees key 2 l or 2 l + 1
+    for (int position = tid / 32; position < p.positions; position += kTileWarps) {
+      const int32_t limit = limits[position];
+      const uint16_t* counts = run_counts + position * kTileKeys;
+      const uint32_t count0 = pos0 >= 0 && pos0 <= limit ? counts[run0] : 0u;
+      const uint32_t count1 = pos1 >= 0 && pos1 <= limit ? counts[run1] : 0u;
+      *reinterpret_cast<uint32_t*>(step_weights + position * kTileKeys + key0) = count0 | count1 << 16;
+      const uint32_t even = __ballot_sync(0xFFFFFFFFu, count0 > 0);
+      const uint32_t odd = __ballot_sync(0xFFFFFFFFu, count1 > 0);
+      seen_even |= even;
+      seen_odd |= odd;
+      const int first_warp = position * p.heads / 16, last_warp = ((position + 1) * p.heads - 1) / 16;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) blocks |= uint32_t((keys >> (8 * q) & 0xFFu) != 0) << (4 * word + q);
-        // the warps of the position's rows [position * heads, (position + 1) * heads)
-        const int last_warp = ((position + 1) * p.heads - 1) / 16;
-        for (int w = position * p.heads / 16; w <= last_warp; ++w) atomicOr(&step.warp_blocks[w], blocks);
-        seen = 1;
+      for (int w = 0; w < kTileWarps; ++w) {
+        if (w >= first_warp && w <= last_warp) warp_lanes[w] |= even | odd;
       }
     }
-    return __syncthreads_or(seen);
+    if (lane == 0) {
+      // lane bits l of the even and odd keys to key bits 2 l and 2 l + 1
+      auto spread = [](uint32_t x) {  // bit i of 16 to bit 2 i
+        x = (x | x << 8) & 0x00FF00FFu;
+        x = (x | x << 4) & 0x0F0F0F0Fu;
+        x = (x | x << 2) & 0x33333333u;
+        return (x | x << 1) & 0x55555555u;
+      };
+      if (seen_even | seen_odd) {
+        atomicOr(&step.seen[0], spread(seen_even & 0xFFFFu) | spread(seen_odd & 0xFFFFu) << 1);
+        atomicOr(&step.seen[1], spread(seen_even >> 16) | spread(seen_odd >> 16) << 1);
+      }
+#pragma unroll
+      for (int w = 0; w < kTileWarps; ++w) {
+        uint32_t blocks = 0;  // block nb: keys [8 nb, 8 nb + 8) = lanes [4 nb, 4 nb + 4)
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) blocks |= uint32_t((warp_lanes[w] >> (4 * nb) & 0xFu) != 0) << nb;
+        if (blocks != 0) atomicOr(&step.warp_blocks[w], blocks);
+      }
+    }
+    return __syncthreads_or((seen_even | seen_odd) != 0);
   }
 
   // How many times `entry` occurs in the sorted entries.
