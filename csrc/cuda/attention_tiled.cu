@@ -22,8 +22,9 @@
 //      fp32 accumulate; fragments loaded with ldmatrix), the multiplicities weighting
 //      the softmax; a warp skips the key blocks its rows do not see. The gathers
 //      overlap the products: the forward gathers a step's V rows during S = Q K^T
-//      (Q in registers) and the next step's K rows during O += P V (steps and
-//      multiplicities are double-buffered for this; the K/V tiles are not).
+//      (Q in registers) and the next step's K rows once that step is found, during
+//      the V wait and O += P V (steps and multiplicities are double-buffered for this;
+//      the K/V tiles are not).
 // Forward: S = Q K^T, online softmax in registers, O += P V (P rounded to the
 // input type, as in FlashAttention). Backward: S and dP = dO V^T recomputed,
 // P = 2^(S - lse), dS = P (dP - delta); dQ += dS K in registers (the tile owns its
@@ -671,7 +672,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
   float row_sum[2] = {0.f, 0.f};  // over this thread's columns; the quad adds up at the end
 
   // The gathers fly while the tensor cores work: a step's V rows during S = Q K^T and
-  // the softmax (and the search for the next step), the next step's K rows during O += P V.
+  // the softmax (and the search for the next step), the next step's K rows during the V
+  // wait and O += P V.
   int buf = 0;
   int64_t k0 = tb.next_step(p, 0, limits, buf);
   if (k0 < tb.num_keys) tb.gather_keys(p.k, p.ks, buf, tb.tile_k);
@@ -727,11 +729,16 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
       }
     }
 
-    // The next step's keys, then this step's V rows.
+    // The next step's keys (after their barriers every warp is done with the K tile): its
+    // K rows fly during this step's V wait and O += P V.
     const int64_t next = tb.next_step(p, k0 + kTileKeys, limits, buf ^ 1);
-    copy_async_wait<0>();
-    __syncthreads();  // the V rows are in; every warp is done with the K tile
-    if (next < tb.num_keys) tb.gather_keys(p.k, p.ks, buf ^ 1, tb.tile_k);
+    if (next < tb.num_keys) {
+      tb.gather_keys(p.k, p.ks, buf ^ 1, tb.tile_k);
+      copy_async_wait<1>();
+    } else {
+      copy_async_wait<0>();
+    }
+    __syncthreads();  // the V rows are in
     if (blocks != 0) probs_times_keys<T, D>(s, blocks, tb.tile_v, acc);
     k0 = next;
     buf ^= 1;
