@@ -714,8 +714,10 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled_kernel(T
         for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const uint32_t count = counts[nb] >> (16 * c) & 0xFFFFu;
-            const float pj = count > 0 ? float(count) * exp2_approx(s[nb][2 * h + c] - safe) : 0.f;
+            // An unseen key's score is -inf here: 2^(-inf - safe) is 0 (safe is finite, or
+            // +inf, or NaN, which makes the row NaN whatever the unseen keys give).
+            const int count = int(counts[nb] >> (16 * c) & 0xFFFFu);
+            const float pj = float(count) * exp2_approx(s[nb][2 * h + c] - safe);
             s[nb][2 * h + c] = pj;
             sum += pj;
           }
