@@ -444,11 +444,8 @@ struct TileBlock {
     copy_async_commit();
   }
 
-  // The multiplicity of step buf's key j for this thread's row of selection `sel` (-1: none).
-  __device__ int weight(int buf, int sel, int j) const {
-    return sel >= 0 ? weights[buf * weights_size + sel * kTileKeys + j] : 0;
-  }
-  // The multiplicities of keys j and j + 1 (j even), in the low and high 16 bits: one load.
+  // The multiplicities of step buf's keys j and j + 1 (j even) for this thread's row of
+  // selection `sel` (-1: none), in the low and high 16 bits: one load.
   __device__ uint32_t weight_pair(int buf, int sel, int j) const {
     return sel >= 0 ? *reinterpret_cast<const uint32_t*>(weights + buf * weights_size + sel * kTileKeys + j) : 0u;
   }
@@ -608,17 +605,19 @@ __device__ __forceinline__ void keys_times_rows(const uint16_t* by_row, const ui
 // For this thread's row h of its warp (h = 0: lane row g, 1: g + 8; tile row `row`):
 // P = count(j) 2^(S scale - lse2) and dS = P (dP - delta) over the step's keys, in place
 // in s and dp, and rounded to T into the shared P and dS tiles. lse2 = -inf: P = dS = 0.
-template <typename T, typename Count>
+// count_pair(j), j even: the counts of keys j and j + 1, in the low and high 16 bits.
+template <typename T, typename CountPair>
 __device__ __forceinline__ void probs_and_dscores(float (&s)[kKeyBlocks][4], float (&dp)[kKeyBlocks][4],
                                                   int h, int row, float lse2, float delta,
-                                                  float score_scale, Count count,
+                                                  float score_scale, CountPair count_pair,
                                                   uint16_t* tile_probs, uint16_t* tile_dscores) {
   const int t4 = threadIdx.x % 4;
 #pragma unroll
   for (int nb = 0; nb < kKeyBlocks; ++nb) {
+    const uint32_t counts = count_pair(nb * 8 + 2 * t4);
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      const int n = count(nb * 8 + 2 * t4 + c);
+      const int n = int(counts >> (16 * c) & 0xFFFFu);
       // An unseen key gets dS = 0 even where delta is NaN (a NaN row's NaN stays in its keys).
       const bool seen = n > 0 && lse2 != kNegInf;
       const float pj = seen ? float(n) * exp2_approx(s[nb][2 * h + c] * score_scale - lse2) : 0.f;
@@ -825,7 +824,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_tiled_kernel(
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         probs_and_dscores<T>(s, dp, h, row[h], lse2[h], delta[h], p.score_scale,
-                             [&](int j) { return tb.weight(buf, sel[h], j); }, tb.tile_probs,
+                             [&](int j) { return tb.weight_pair(buf, sel[h], j); }, tb.tile_probs,
                              tb.tile_dscores);
       }
       probs_times_keys<T, D>(dp, blocks, tb.tile_k, dq);
@@ -995,7 +994,10 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
         const int32_t limit = row_limit[parity][row];
         probs_and_dscores<T>(s, dp, h, row, stat >= 0 ? p.lse_in[stat] * kLog2e : kNegInf,
                              stat >= 0 ? p.delta[stat] : 0.f, p.score_scale,
-                             [&](int j) { return key_pos[j] >= 0 && key_pos[j] <= limit ? 1 : 0; },
+                             [&](int j) {
+                               auto visible = [&](int key) { return uint32_t(key_pos[key] >= 0 && key_pos[key] <= limit); };
+                               return visible(j) | visible(j + 1) << 16;
+                             },
                              tile_probs, tile_dscores);
       }
       if (next_e0 < end) chunk_rows(next_e0, parity ^ 1);
