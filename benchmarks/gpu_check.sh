@@ -2,9 +2,11 @@
 # The GPU check, in one call on a lent GPU machine (torch preinstalled, no internet):
 # builds the extension in place (CUDA kernels for sm_90), runs a compute-sanitizer memcheck
 # of a small case, the benchmarks, and the whole test suite (CUDA tests, opcheck and
-# CUDA-graph capture included) with the time left, then, if 90 s are still left, Nsight
-# Compute over the decode kernels (as `profile decode` below); writes report.md and logs to
-# $OUT (the device tool's folder) or to benchmarks/results/gpu-latest.
+# CUDA-graph capture included) with the time left, then, while 90 s are still left, Nsight
+# Compute over the decode kernels (as `profile decode` below) and over the prefill step's
+# tensor-core kernels (one launch each); writes report.md and logs (8 files at most: what
+# the device tool brings back) to $OUT (the device tool's folder) or to
+# benchmarks/results/gpu-latest.
 #   GAZE_COMMIT=<hash> bash benchmarks/gpu_check.sh
 # Each step runs under its own time limit, cut to what is left of the call's budget,
 # GAZE_CHECK_SECONDS (default 570: the device tool stops a call at its timeout, 600 s at
@@ -125,20 +127,29 @@ benchmark() {  # benchmark DECODE_LIMIT PREFILL_LIMIT [--no-flex]
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 # decode: 2 steps of each selection mode, every kernel of them (4 a step)
 DECODE_KERNELS="attention_|merge_splits|scoring_kernel|topk_kernel"
+# prefill, in the full check: the first forward, tile backward and key-major pass
+TILE_KERNELS="attention_forward_tiled|attention_backward_tiled|region_keys_backward"
 profile() {  # profile STEP LIMIT KERNEL_REGEX LAUNCHES
+  # SchedulerStats and InstructionStats: issue slots used and instructions executed, to set
+  # beside the instruction counts read from the SASS (GPU-NOTES)
   step "ncu $1" "$2" "$OUT/ncu-$1.txt" "$NCU" --section SpeedOfLight --section LaunchStats \
-    --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section Occupancy --section WarpStateStats --section SchedulerStats \
+    --section InstructionStats --section MemoryWorkloadAnalysis \
     --kernel-name "regex:$3" --launch-count "$4" $PY -m benchmarks.profile_case "$1"
+}
+profile_if_time() {  # profile_if_time STEP LIMIT KERNEL_REGEX LAUNCHES: with 90 s left or more
+  if [ $((BUDGET - REPORT_SECONDS - SECONDS)) -ge 90 ]; then
+    profile "$@"
+  else
+    echo "| ncu $1 | skipped: under 90 s of the budget left | |" >> "$OUT/steps.md"
+  fi
 }
 case $MODE in
   # the short steps first: the suite takes the time left (207 s on the H100 at 5adf7eb),
-  # and what the suite leaves of the budget, if at least 90 s, profiles the decode kernels
+  # and what the suite leaves of the budget profiles the decode kernels, then the tile ones
   full) sanitize memcheck 80; benchmark 120 120 --no-flex; run_tests 420
-    if [ $((BUDGET - REPORT_SECONDS - SECONDS)) -ge 90 ]; then
-      profile decode 200 "$DECODE_KERNELS" 16
-    else
-      echo "| ncu decode | skipped: under 90 s of the budget left | |" >> "$OUT/steps.md"
-    fi ;;
+    profile_if_time decode 200 "$DECODE_KERNELS" 16
+    profile_if_time prefill 150 "$TILE_KERNELS" 3 ;;
   profile)
     [[ $PROFILE_STEPS == *decode* ]] && profile decode 200 "$DECODE_KERNELS" 16
     [[ $PROFILE_STEPS == *prefill* ]] &&

@@ -95,16 +95,20 @@ def test_full_check_runs_every_step_and_reports_them(tmp_path):
     assert "-n 4 python_tests" in pytest_call and "--ignore=python_tests/test_cuda_sim.py" in pytest_call
     rows = step_rows(report)
     assert [name.strip() for name, _ in rows] == ["build", "memcheck", "decode-benchmark",
-                                                  "prefill-benchmark", "tests", "ncu decode"]
+                                                  "prefill-benchmark", "tests", "ncu decode",
+                                                  "ncu prefill"]
     assert all(result.strip() == "ok" for _, result in rows)
     assert "- commit: abc1234" in report and "Stub GPU" in report
     assert "# decode stub report" in report and "# prefill stub report" in report
     assert "3 passed in 0.10s" in report
     # the device tool brings back at most 8 files a call
     assert files == ["build.log", "decode-cuda.json", "memcheck.log", "ncu-decode.txt",
-                     "prefill-cuda.json", "report.md", "tests.log"]
+                     "ncu-prefill.txt", "prefill-cuda.json", "report.md", "tests.log"]
     profile = (tmp_path / "out" / "ncu-decode.txt").read_text()
     assert "--kernel-name regex:attention_" in profile and "benchmarks.profile_case decode" in profile
+    profile = (tmp_path / "out" / "ncu-prefill.txt").read_text()
+    assert "regex:attention_forward_tiled|" in profile and "--launch-count 3" in profile
+    assert "benchmarks.profile_case prefill" in profile and "--section SchedulerStats" in profile
 
 
 def test_a_hanging_suite_is_killed_within_the_budget_and_the_report_is_written(tmp_path):
@@ -115,7 +119,7 @@ def test_a_hanging_suite_is_killed_within_the_budget_and_the_report_is_written(t
     rows = dict((name.strip(), result.strip()) for name, result in step_rows(report))
     assert rows["tests"].startswith("FAILED (killed: 5 s past its limit")
     assert rows["decode-benchmark"] == rows["prefill-benchmark"] == "ok"
-    assert rows["ncu decode"] == "skipped: under 90 s of the budget left"
+    assert rows["ncu decode"] == rows["ncu prefill"] == "skipped: under 90 s of the budget left"
     assert "# decode stub report" in report
 
 
