@@ -49,7 +49,8 @@ struct StreamedShape {
 // scoring reads chunk c of 16 rows at once, the P V a row's chunks; both then fall in
 // distinct banks, without padding the rows.
 __device__ __forceinline__ int tile_slot(int j, int c, int chunks) {
-  return c < (chunks & ~(kTileChunkGroup - 1)) ? c ^ (j % kTileChunkGroup) : c;
+  // (j >= 0: a mask, where the signed j % 8 costs a sign fix-up at every use)
+  return c < (chunks & ~(kTileChunkGroup - 1)) ? c ^ (j & (kTileChunkGroup - 1)) : c;
 }
 
 template <typename T, int NH>
@@ -141,9 +142,9 @@ __global__ void __launch_bounds__(kAttnThreads, 3) attention_streamed_kernel(Att
         for (int j = lane / lanes; j < kWarpKeys; j += 32 / lanes) {
           const int32_t pos = positions[t * kWarpKeys + j];  // -1 past the batch's n keys
           const int at = j * D + tile_slot(j, owned, chunks) * C;
-          if (pos >= 0) {
-            copy_async_16(k_tile + at, k + int64_t(pos) * p.ks.row + owned * C);
-            copy_async_16(v_tile + at, v + int64_t(pos) * p.vs.row + owned * C);
+          if (pos >= 0) {  // (an unsigned product: no sign extension)
+            copy_async_16(k_tile + at, k + owned * C + uint32_t(pos) * uint64_t(p.ks.row));
+            copy_async_16(v_tile + at, v + owned * C + uint32_t(pos) * uint64_t(p.vs.row));
           } else {
             *reinterpret_cast<uint4*>(v_tile + at) = make_uint4(0, 0, 0, 0);
           }
