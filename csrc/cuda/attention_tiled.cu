@@ -898,8 +898,9 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   __shared__ int64_t row_stat[2][kTileRows];  // per chunk parity: the row's index into lse/delta
                                               // ((b Hq + h) Lq + i), -1: none
   __shared__ int32_t row_limit[2][kTileRows];
-  __shared__ int32_t row_head[2][kTileRows];  // the row's query head and position, so that
-  __shared__ int32_t row_query[2][kTileRows];  // its gathers need no 64-bit division
+  // the row's element offsets in q and grad_out (-1: none), so that its gathers need no
+  // 64-bit arithmetic but an add
+  __shared__ int64_t row_q_offset[2][kTileRows], row_grad_offset[2][kTileRows];
   __shared__ uint32_t all_rows[kTileWarps];   // keys_times_rows' masks: every row chunk counts
   const AttentionShape& S = p.shape;
   const LayoutView& layout = p.layout;
@@ -926,32 +927,40 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
   const int64_t kv_row0 = (b * S.kv_heads + kv_head) * int64_t(layout.num_keys);
   const RegionSpan span = layout.region(b, region);
 
-  // Rows of the chunk from selection e0 into row_stat/limit/head/query[parity] (row x: selection
-  // e0 + x / heads, head x % heads); the caller synchronizes.
+  // Rows of the chunk from selection e0 into row_stat/limit/q_offset/grad_offset[parity] (row
+  // x: selection e0 + x / heads, head x % heads); the caller synchronizes.
   auto chunk_rows = [&](int64_t e0, int parity) {
     if (threadIdx.x >= kTileRows) return;
     const int x = threadIdx.x;
     const int64_t e = e0 + x / p.heads;
-    int64_t stat = -1;
-    int32_t limit = -1, head = 0, i = 0;
+    int64_t stat = -1, q_offset = -1, grad_offset = -1;
+    int32_t limit = -1;
     if (x < per_chunk * p.heads && e < end) {
-      i = int(p.selections[e] % S.q_len);
-      head = first_head + x % p.heads;
+      const int i = int(p.selections[e] % S.q_len);
+      const int head = first_head + x % p.heads;
       stat = (b * S.q_heads + head) * int64_t(S.q_len) + i;
       limit = p.q_pos ? p.q_pos[b * S.q_len + i] : kNoCausalLimit;
+      q_offset = p.qs.offset(b, head, i);
+      grad_offset = p.gs.offset(b, head, i);
     }
     row_stat[parity][x] = stat;
     row_limit[parity][x] = limit;
-    row_head[parity][x] = head;
-    row_query[parity][x] = i;
+    row_q_offset[parity][x] = q_offset;
+    row_grad_offset[parity][x] = grad_offset;
   };
-  // Starts copying the chunk's rows of a [B, Hq, Lq, D] tensor (one cp.async group).
-  auto gather_rows = [&](const void* src, const Strides4& s, int parity, uint16_t* dst) {
+  // Starts copying the chunk's rows of a [B, Hq, Lq, D] tensor, at the element offsets
+  // `offsets` (one cp.async group).
+  auto gather_rows = [&](const void* src, const int64_t* offsets, uint16_t* dst) {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(src);
-    load_tile_rows<D, /*kAsync=*/true>(dst, [&](int r) -> const uint16_t* {
-      if (row_stat[parity][r] < 0) return nullptr;
-      return base + s.offset(b, row_head[parity][r], row_query[parity][r]);
+    for_each_tile_chunk<D>([&](int r, int c, int at) {
+      const int64_t offset = offsets[r];
+      if (offset >= 0) {
+        copy_async_16(dst + at, base + offset + c * 8);
+      } else {
+        *reinterpret_cast<uint4*>(dst + at) = make_uint4(0, 0, 0, 0);
+      }
     });
+    copy_async_commit();
   };
 
   // The gathers fly while the tensor cores work: a chunk's Q rows during dP = dO V^T, the
@@ -970,8 +979,8 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
     };
     load_tile_rows<D, /*kAsync=*/true>(tile_k, key_rows(p.k, p.ks));
     load_tile_rows<D, /*kAsync=*/true>(tile_v, key_rows(p.v, p.vs));
-    gather_rows(p.grad_out, p.gs, 0, tile_grad);
-    gather_rows(p.q, p.qs, 0, tile_q);
+    gather_rows(p.grad_out, row_grad_offset[0], tile_grad);
+    gather_rows(p.q, row_q_offset[0], tile_q);
     float dv[D / 8][4], dk[D / 8][4];
     zero_fragments(dv);
     zero_fragments(dk);
@@ -1005,10 +1014,10 @@ __global__ void __launch_bounds__(kTileThreads) region_keys_backward_kernel(Tile
       // dV += P^T dO, dK += dS^T Q for this warp's 16 keys
       keys_times_rows<T, D>(tile_probs, tile_grad, warp * 16, all_rows, dv);
       __syncthreads();  // every warp is done with the dO rows
-      if (next_e0 < end) gather_rows(p.grad_out, p.gs, parity ^ 1, tile_grad);
+      if (next_e0 < end) gather_rows(p.grad_out, row_grad_offset[parity ^ 1], tile_grad);
       keys_times_rows<T, D>(tile_dscores, tile_q, warp * 16, all_rows, dk);
       __syncthreads();  // every warp is done with the Q rows, P and dS
-      if (next_e0 < end) gather_rows(p.q, p.qs, parity ^ 1, tile_q);
+      if (next_e0 < end) gather_rows(p.q, row_q_offset[parity ^ 1], tile_q);
     }
 
     auto position = [&](int j) { return key_pos[j]; };
