@@ -102,6 +102,20 @@ __device__ __forceinline__ Unit decode_unit(const AttnParams& p, int64_t u, int 
   return unit;
 }
 
+// The last index in [lo, hi] whose value in the ascending `offsets` is <= w (the first
+// key of the region or slot holding key w, when offsets are first keys).
+__device__ __forceinline__ int last_at_most(const int32_t* offsets, int lo, int hi, int w) {
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= w) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 // The keys of one split of one unit, in shared memory: fixed tokens
 // [fixed_begin, fixed_end) then the regions of slots [0, num_slots).
 struct KeyStream {
@@ -174,16 +188,8 @@ struct KeyStream {
   __device__ int32_t position(const AttnParams& p, const Unit& unit, int v) const {
     if (v < num_fixed) return p.layout.fixed(unit.b)[fixed_begin + v];
     const int w = v - num_fixed;
-    int lo = 0, hi = num_slots - 1;  // last slot whose offset <= w
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (region_offset[mid] <= w) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return p.layout.region_token(unit.b, region_begin[lo] + (w - region_offset[lo]));
+    const int slot = last_at_most(region_offset, 0, num_slots - 1, w);
+    return p.layout.region_token(unit.b, region_begin[slot] + (w - region_offset[slot]));
   }
 };
 

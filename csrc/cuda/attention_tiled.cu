@@ -296,17 +296,7 @@ struct TileBlock {
 
   // The union region of union key w (a key past the fixed tokens): the last one whose first
   // key is <= w, searched in [lo, hi].
-  __device__ int union_of_key(int w, int lo, int hi) const {
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (union_offset[mid] <= w) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
-  }
+  __device__ int union_of_key(int w, int lo, int hi) const { return last_at_most(union_offset, lo, hi, w); }
 
   // Step 2 for the keys [k0, k0 + kTileKeys), k0 < num_keys: their positions, regions and
   // runs into steps[buf], the multiplicities into step buf's weights. Returns whether any
