@@ -317,7 +317,10 @@ struct TileBlock {
       first_union = union_of_key(int(max(k0, int64_t(num_fixed))) - num_fixed, 0, num_union - 1);
       last_union = union_of_key(end - 1 - num_fixed, first_union, num_union - 1);
     }
-    const int num_runs = fixed_runs + last_union - first_union + 1;  // <= kTileKeys
+    // <= kTileKeys: the union's regions all have keys. Clamped all the same (and the keys'
+    // runs with it), so that unchecked spans whose key offsets overflow int32 (ascending no
+    // more) cannot take run_counts past its rows.
+    const int num_runs = min(fixed_runs + last_union - first_union + 1, kTileKeys);
     if (tid < kTileKeys) {
       const int64_t e = k0 + tid;
       int32_t pos = -1, region = -1, run = 0;
@@ -328,7 +331,7 @@ struct TileBlock {
         const int u = union_of_key(w, first_union, last_union);
         pos = layout.region_token(b, union_begin[u] + (w - union_offset[u]));
         region = union_id[u];
-        run = fixed_runs + u - first_union;
+        run = min(fixed_runs + u - first_union, kTileKeys - 1);
       }
       step.pos[tid] = layout.visible(pos, kNoCausalLimit) ? pos : -1;
       step.region[tid] = region;
